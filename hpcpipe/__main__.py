@@ -1,0 +1,3 @@
+from hpcpipe.cli import main
+
+main()

