@@ -1,0 +1,308 @@
+"""The one door to Slurm.
+
+Every ``sbatch``/``squeue``/``sacct``/``scancel``/``scontrol``/``sinfo`` call goes through
+:func:`call`, with arguments as a list (never a shell string). A failure raises
+:class:`~hpcpipe.errors.SchedulerError` carrying the command, exit code, stdout and stderr; a
+controller that does not answer raises :class:`~hpcpipe.errors.SchedulerUnreachableError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from hpcpipe.errors import SchedulerError, SchedulerUnreachableError
+
+log = logging.getLogger(__name__)
+
+#: Number of scheduler commands run by this process (the status benchmark reads it).
+CALLS: list[list[str]] = []
+
+_UNREACHABLE = re.compile(
+    r"Unable to contact slurm controller|Connection refused|Socket timed out|"
+    r"Zero Bytes were transmitted|Unable to establish controller|slurm_load_jobs error: Unable",
+    re.I,
+)
+_ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|slurmdbd.*(down|connection)", re.I)
+
+TERMINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+    "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
+})
+
+
+def available() -> bool:
+    """True where ``sbatch`` is on PATH, i.e. hpcpipe can talk to a Slurm cluster."""
+    return shutil.which("sbatch") is not None
+
+
+def call(cmd: list[str], timeout: float = 60) -> str:
+    """Run one scheduler command and return its stdout; raise SchedulerError on failure."""
+    CALLS.append(list(cmd))
+    log.debug("scheduler: %s", cmd)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError as exc:
+        raise SchedulerError(cmd, None, "", f"{cmd[0]} is not on PATH ({exc})") from None
+    except subprocess.TimeoutExpired as exc:
+        raise SchedulerUnreachableError(
+            cmd, None, str(exc.stdout or ""), f"no answer from the scheduler within {timeout:.0f} s"
+        ) from None
+    if proc.returncode != 0:
+        err = SchedulerUnreachableError if _UNREACHABLE.search(proc.stderr) else SchedulerError
+        raise err(cmd, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Submitting and cancelling
+
+
+def sbatch(script: str, args: list[str] = ()) -> str:
+    """Submit a script file with ``sbatch --parsable``; return the job id."""
+    out = call(["sbatch", "--parsable", *args, script])
+    job_id = out.strip().split(";")[0]  # "<id>[;<cluster>]"
+    if not job_id.isdigit():
+        raise SchedulerError(["sbatch", *args, script], 0, out, "sbatch printed no job id")
+    return job_id
+
+
+def scancel(job_ids: list[str], signal: str | None = None) -> None:
+    if not job_ids:
+        return
+    cmd = ["scancel"] + ([f"--signal={signal}"] if signal else []) + list(job_ids)
+    call(cmd)
+
+
+def requeue(job_id: str) -> None:
+    call(["scontrol", "requeue", job_id])
+
+
+# ---------------------------------------------------------------------------------------------
+# Querying jobs
+
+
+@dataclass
+class JobInfo:
+    """What the scheduler says of one job; fields a source does not know stay empty."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+    elapsed: str = ""
+    time_limit: str = ""
+    nodes: str = ""
+    exit_code: str = ""
+    restarts: int = 0
+    submit: str = ""
+    start: str = ""
+    end: str = ""
+    source: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+_SQUEUE_FIELDS = ["JobID", "State", "Reason", "TimeUsed", "TimeLimit", "NodeList", "Restartcnt",
+                  "SubmitTime", "StartTime"]
+
+
+def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
+    """Live state of the given jobs in one call; jobs Slurm has forgotten are absent."""
+    if not job_ids:
+        return {}
+    fmt = ",".join(f"{f}:|" for f in _SQUEUE_FIELDS)
+    cmd = ["squeue", "-h", "--states=all", "-j", ",".join(job_ids), "-O", fmt]
+    try:
+        out = call(cmd)
+    except SchedulerUnreachableError:
+        raise
+    except SchedulerError as exc:
+        # squeue fails outright when every id is unknown ("Invalid job id specified").
+        if "Invalid job id" in exc.stderr:
+            return {}
+        raise
+    jobs: dict[str, JobInfo] = {}
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < len(_SQUEUE_FIELDS):
+            continue
+        jid, state, reason, used, limit, nodes, restarts, submit, start = parts[:9]
+        jobs[jid] = JobInfo(
+            job_id=jid, state=state.split()[0] if state else "UNKNOWN",
+            reason="" if reason in ("None", "(null)") else reason, elapsed=used, time_limit=limit,
+            nodes="" if nodes in ("(null)", "") else nodes,
+            restarts=int(restarts) if restarts.isdigit() else 0,
+            submit=submit, start="" if start in ("N/A", "Unknown") else start, source="squeue",
+        )
+    return jobs
+
+
+_SACCT_FIELDS = ["JobID", "State", "ExitCode", "Elapsed", "Timelimit", "NodeList", "Submit",
+                 "Start", "End", "Reason", "AllocCPUS", "TotalCPU", "MaxRSS", "ReqMem"]
+
+
+class AccountingDisabled(SchedulerError):
+    """sacct answered that accounting storage is disabled on this cluster."""
+
+
+def sacct(job_ids: list[str]) -> dict[str, JobInfo]:
+    """Accounting records of the given jobs in one call (with per-step MaxRSS folded in)."""
+    if not job_ids:
+        return {}
+    cmd = ["sacct", "-n", "-P", "-D", "-j", ",".join(job_ids), "-o", ",".join(_SACCT_FIELDS)]
+    try:
+        out = call(cmd)
+    except SchedulerUnreachableError:
+        raise
+    except SchedulerError as exc:
+        if _ACCOUNTING_OFF.search(exc.stderr + exc.stdout):
+            raise AccountingDisabled(exc.cmd, exc.returncode, exc.stdout, exc.stderr) from None
+        raise
+    return parse_sacct(out)
+
+
+def parse_sacct(out: str) -> dict[str, JobInfo]:
+    """Parse ``sacct -P -D`` output: the last allocation row per job wins; steps add MaxRSS."""
+    jobs: dict[str, JobInfo] = {}
+    requeues: dict[str, int] = {}
+    max_rss: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < len(_SACCT_FIELDS):
+            continue
+        row = dict(zip(_SACCT_FIELDS, parts, strict=False))
+        jid = row["JobID"]
+        base = jid.split(".")[0].split("_")[0]
+        if "." in jid:  # a job step: keep the largest MaxRSS
+            rss = parse_mem(row["MaxRSS"])
+            if rss is not None:
+                max_rss[base] = max(max_rss.get(base, 0), rss)
+            continue
+        state = row["State"].split()[0] if row["State"] else "UNKNOWN"
+        by = row["State"].split(" by ")[1].strip() if " by " in row["State"] else ""
+        if state == "REQUEUED":
+            requeues[base] = requeues.get(base, 0) + 1
+        info = JobInfo(
+            job_id=base, state=state, reason="" if row["Reason"] == "None" else row["Reason"],
+            elapsed=row["Elapsed"], time_limit=row["Timelimit"],
+            nodes="" if row["NodeList"] in ("None assigned", "") else row["NodeList"],
+            exit_code=row["ExitCode"], submit=row["Submit"],
+            start="" if row["Start"] in ("Unknown", "None") else row["Start"],
+            end="" if row["End"] in ("Unknown", "None") else row["End"], source="sacct",
+            extra={"alloc_cpus": row["AllocCPUS"], "total_cpu": row["TotalCPU"],
+                   "req_mem": row["ReqMem"], "cancelled_by": by},
+        )
+        jobs[base] = info
+    for base, info in jobs.items():
+        info.restarts = requeues.get(base, 0)
+        if base in max_rss:
+            info.extra["max_rss_bytes"] = str(max_rss[base])
+    return jobs
+
+
+def scontrol_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
+    """Fallback where sacct is disabled: ``scontrol show job`` while Slurm still knows the job."""
+    jobs: dict[str, JobInfo] = {}
+    for jid in job_ids:
+        try:
+            out = call(["scontrol", "show", "job", "-o", jid])
+        except SchedulerUnreachableError:
+            raise
+        except SchedulerError:
+            continue  # forgotten by the controller
+        kv = parse_scontrol(out)
+        if not kv:
+            continue
+        jobs[jid] = JobInfo(
+            job_id=jid, state=kv.get("JobState", "UNKNOWN"),
+            reason="" if kv.get("Reason") in (None, "None") else kv["Reason"],
+            elapsed=kv.get("RunTime", ""), time_limit=kv.get("TimeLimit", ""),
+            nodes="" if kv.get("NodeList") in (None, "(null)") else kv["NodeList"],
+            exit_code=kv.get("ExitCode", ""), restarts=int(kv.get("Restarts", "0") or 0),
+            submit=kv.get("SubmitTime", ""), start=kv.get("StartTime", ""),
+            end=kv.get("EndTime", ""), source="scontrol",
+        )
+    return jobs
+
+
+def parse_scontrol(out: str) -> dict[str, str]:
+    """``Key=Value Key2=Value two`` (one line from ``-o``) into a dict."""
+    kv: dict[str, str] = {}
+    for m in re.finditer(r"(\w[\w:/]*)=(.*?)(?=\s+\w[\w:/]*=|$)", out.strip()):
+        kv[m.group(1)] = m.group(2).strip()
+    return kv
+
+
+def query(job_ids: list[str]) -> dict[str, JobInfo]:
+    """State of jobs from squeue, then sacct (or scontrol where accounting is off) for the rest.
+
+    At most two scheduler calls when accounting works, however many jobs.
+    """
+    jobs = squeue(job_ids)
+    rest = [j for j in job_ids if j not in jobs]
+    if rest:
+        try:
+            jobs.update(sacct(rest))
+        except AccountingDisabled:
+            jobs.update(scontrol_jobs(rest))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Cluster shape, for checking a layout before anything is queued
+
+
+@dataclass
+class NodeInfo:
+    name: str
+    partitions: list[str]
+    cpus: int
+    memory_mb: int
+    gpus: int
+    state: str
+
+
+def nodes() -> tuple[list[NodeInfo], str | None]:
+    """All nodes with their partitions, CPUs, memory and GPU count; and the default partition."""
+    out = call(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%T"])
+    by_name: dict[str, NodeInfo] = {}
+    default = None
+    for line in out.splitlines():
+        parts = line.split("|")
+        if len(parts) < 6:
+            continue
+        name, part, cpus, mem, gres, state = (p.strip() for p in parts[:6])
+        if part.endswith("*"):
+            part = part[:-1]
+            default = part
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[\w.-]+)?:(\d+)", gres))
+        node = by_name.setdefault(name, NodeInfo(name, [], int(cpus.rstrip("+") or 0),
+                                                  int(re.sub(r"\D", "", mem) or 0), gpus, state))
+        node.partitions.append(part)
+    return list(by_name.values()), default
+
+
+def parse_mem(text: str) -> int | None:
+    """Slurm memory text (``1234K``, ``2G``, ``500M``, ``4000Mn``) to bytes."""
+    m = re.match(r"^([\d.]+)([KMGTP]?)", (text or "").strip())
+    if not m:
+        return None
+    mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}[m.group(2)]
+    return int(float(m.group(1)) * mult)
+
+
+def environment_ok() -> str | None:
+    """A reason hpcpipe cannot use Slurm here, or None."""
+    if not available():
+        return "sbatch is not on PATH"
+    if os.environ.get("HPCPIPE_BACKEND") == "local":
+        return "HPCPIPE_BACKEND=local"
+    return None
