@@ -102,7 +102,7 @@ def submit(cfg: RunConfig, *, backend_name: str, runs_dir: Path, dry_run: bool,
             run.add_job(step, job_id, deps, scripts[step])
             run.save()
             submitted.append(job_id)
-        run.event(f"submitted {', '.join(f'{s}={j}' for s, j in zip(cfg.steps, submitted))}")
+        run.event(f"submitted {', '.join(f'{s}={j}' for s, j in zip(cfg.steps, submitted, strict=True))}")
         run.save()
     return run
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import re
 import signal
@@ -84,7 +83,11 @@ class LocalBackend(Backend):
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(self.jobs_dir / "runner.err", "ab"),  # noqa: SIM115 - the child owns it
         )
-        return f"L{proc.pid}"
+        job_id = f"L{proc.pid}"
+        # The first record comes from here, so a query right after submit sees the dependency;
+        # the runner waits for it before it writes anything itself.
+        files.write_json(self.jobs_dir / f"{job_id}.json", _first_record(job_id, depends_on))
+        return job_id
 
     def query(self, job_ids: list[str]) -> dict[str, JobInfo]:
         jobs = {}
@@ -133,8 +136,7 @@ class _Runner:
         self.after = after
         self.job_id = f"L{os.getpid()}"
         self.path = jobs_dir / f"{self.job_id}.json"
-        self.rec = {"job_id": self.job_id, "state": "PENDING", "submit": _now(),
-                    "reason": "Dependency" if after else "", "node": os.uname().nodename}
+        self.rec = _first_record(self.job_id, after)
         self.cancelled = False
         self.child: subprocess.Popen | None = None
 
@@ -171,7 +173,13 @@ class _Runner:
         return Path(out.replace("%j", self.job_id))
 
     def run(self) -> int:
-        self.save()
+        deadline = time.time() + 30
+        while not self.path.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        try:
+            self.rec = files.read_json(self.path)
+        except (OSError, ValueError):
+            self.save()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self.on_signal)
         if self.after and not self.wait_dependencies():
@@ -202,6 +210,11 @@ class _Runner:
         else:
             self.save(state="FAILED", end=_now(), exit_code=f"{rc}:0")
         return 0
+
+
+def _first_record(job_id: str, after: list[str]) -> dict:
+    return {"job_id": job_id, "state": "PENDING", "submit": _now(),
+            "reason": "Dependency" if after else "", "node": os.uname().nodename}
 
 
 def _user() -> str:

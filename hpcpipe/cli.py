@@ -1,0 +1,342 @@
+"""The ``hpcpipe`` command line. Thin: parse, call the library, print.
+
+Heavy libraries (torch, dask, pandas, transformers) are imported only inside the commands that
+need them, so ``hpcpipe --help`` and ``hpcpipe status`` answer at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from hpcpipe.errors import HpcpipeError
+
+STEP_NAMES = ("ingest", "features", "train")
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class _Group(click.Group):
+    """Turns hpcpipe's own errors into a one-paragraph message and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HpcpipeError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+def runs_dir_option(fn: Callable) -> Callable:
+    @click.option("--runs-dir", type=click.Path(file_okay=False, path_type=Path),
+                  envvar="HPCPIPE_RUNS_DIR", default=Path("runs"), show_default=True,
+                  help="Folder holding the run folders (env HPCPIPE_RUNS_DIR).")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _open_run(runs_dir: Path, run: str | None):  # noqa: ANN202 - Run, imported lazily
+    from hpcpipe.run import Run
+
+    return Run.open(runs_dir, run)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hpcpipe")
+def main() -> None:
+    """hpcpipe: one command runs the review-features + training pipeline on Slurm.
+
+    \b
+    Typical use on a cluster:
+      hpcpipe submit --cpus 32 --gpus 2   # queue ingest -> features -> train, return at once
+      hpcpipe status                      # state of each step of the latest run
+      hpcpipe logs train -f               # follow the training log, across requeues
+      hpcpipe summarize                   # what happened, what went wrong, what to do next
+      hpcpipe rerun train                 # resubmit one step in place; it resumes its work
+
+    Without Slurm (no sbatch on PATH) or with --local, the same steps run on this machine
+    as background processes, on a synthetic sample when no input is configured.
+    """
+
+
+# ---------------------------------------------------------------------------------------------
+# submit
+
+
+@main.command()
+@click.option("--cpus", type=click.IntRange(min=1), help="CPUs for the Dask features job.")
+@click.option("--gpus", type=click.IntRange(min=1), help="GPUs (DDP ranks) for training.")
+@click.option("--gpus-per-node", type=click.IntRange(min=1),
+              help="GPUs per node; training uses ceil(gpus / gpus-per-node) nodes.")
+@click.option("--partition", help="Slurm partition (default: the cluster's default).")
+@click.option("--account", help="Slurm account to charge.")
+@click.option("--time", "time_limit", help="Time limit for every step, e.g. 04:00:00 or 1-00:00:00.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML config (default: configs/default.yaml, or configs/local.yaml locally).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config key, e.g. --set train.epochs=5 (repeatable).")
+@click.option("--steps", help="Comma-separated steps to run, from the start: ingest,features,train.")
+@click.option("--name", help="Name prefix of the run id.")
+@click.option("--dry-run", is_flag=True, help="Print the scripts and sbatch commands; submit nothing.")
+@click.option("--local", is_flag=True, help="Run on this machine even where Slurm is available.")
+@click.option("--wait", is_flag=True,
+              help="Stay until the run ends, printing state changes; exit 1 if a step fails.")
+@runs_dir_option
+def submit(cpus: int | None, gpus: int | None, gpus_per_node: int | None, partition: str | None,
+           account: str | None, time_limit: str | None, config_file: Path | None,
+           overrides: tuple[str, ...], steps: str | None, name: str | None, dry_run: bool,
+           local: bool, wait: bool, runs_dir: Path) -> None:
+    """Submit the pipeline: ingest -> features (Dask) -> train (DDP), chained with afterok.
+
+    Creates runs/<run-id>/ with the resolved config, the rendered sbatch scripts and a state
+    file, submits every step with `sbatch --parsable`, prints the run id and job ids, and exits.
+    Precedence: config file < these options < --set.
+    """
+    from hpcpipe import config, pipeline
+
+    backend = pipeline.choose_backend(local)
+    if config_file is None:
+        default = CONFIGS_DIR / ("local.yaml" if backend == "local" else "default.yaml")
+        config_file = default if default.exists() else None
+    flags: list[str] = []
+    if cpus is not None:
+        flags.append(f"features.cpus={cpus}")
+    if gpus is not None:
+        flags.append(f"train.gpus={gpus}")
+    if gpus_per_node is not None:
+        flags.append(f"train.gpus_per_node={gpus_per_node}")
+    for key, value in (("slurm.partition", partition), ("slurm.account", account),
+                       ("name", name)):
+        if value is not None:
+            flags.append(f"{key}={json.dumps(value)}")
+    if time_limit is not None:
+        flags += [f"{s}.time={json.dumps(time_limit)}" for s in STEP_NAMES]
+    if steps is not None:
+        flags.append(f"steps={json.dumps([s.strip() for s in steps.split(',') if s.strip()])}")
+    cfg = config.load_config(config_file, [*flags, *overrides])
+    if backend == "local" and not local:
+        click.echo("sbatch is not on PATH: running locally (use --local to say so explicitly)",
+                   err=True)
+    run = pipeline.submit(cfg, backend_name=backend, runs_dir=runs_dir, dry_run=dry_run,
+                          echo=click.echo)
+    if run is None:
+        return
+    click.echo(f"run {run.run_id} ({backend}): {run.layout.root}")
+    for step in run.steps():
+        rec = run.current(step)
+        after = f" (after {', '.join(rec['depends_on'])})" if rec["depends_on"] else ""
+        click.echo(f"  {step:<9} job {rec['job_id']}{after}")
+    if wait:
+        ok = pipeline.wait(run, click.echo)
+        if not ok:
+            raise click.ClickException(f"run {run.run_id} did not complete; see "
+                                       f"`hpcpipe summarize {run.run_id}`")
+    else:
+        click.echo(f"watch it with: hpcpipe status {run.run_id}")
+
+
+# ---------------------------------------------------------------------------------------------
+# watching
+
+
+@main.command()
+@click.argument("run", required=False)
+@click.option("--watch", is_flag=True, help="Redraw in place until the run ends.")
+@click.option("--interval", type=click.FloatRange(min=2.0), default=5.0, show_default=True,
+              help="Seconds between refreshes with --watch (at least 2).")
+@click.option("--json", "as_json", is_flag=True, help="Print the steps as JSON.")
+@runs_dir_option
+def status(run: str | None, watch: bool, interval: float, as_json: bool, runs_dir: Path) -> None:
+    """State of each step of RUN (default: the latest run): job id, state, elapsed, nodes,
+    the reason a job is pending (Resources, Dependency, DependencyNeverSatisfied), and the
+    ids of earlier jobs of the step.
+
+    One batched squeue and at most one batched sacct call per refresh; ended jobs are cached
+    in the run's state file and need no scheduler call. Works where sacct is disabled.
+    """
+    from hpcpipe import pipeline
+    from hpcpipe import status as status_mod
+
+    r = _open_run(runs_dir, run)
+    while True:
+        note = pipeline.refresh(r)
+        if as_json:
+            click.echo(json.dumps({"run": r.run_id, "backend": r.backend_name, "note": note,
+                                   "steps": status_mod.step_rows(r)}, indent=2))
+        else:
+            text = status_mod.format_table(r, note)
+            if watch:
+                click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + text)
+            else:
+                click.echo(text)
+        if not watch or pipeline.run_finished(r):
+            return
+        time.sleep(interval)
+
+
+@main.command()
+@runs_dir_option
+def runs(runs_dir: Path) -> None:
+    """List the runs in the runs folder, oldest first, with each step's last known state."""
+    from hpcpipe.run import Run, list_runs
+
+    found = list_runs(runs_dir)
+    if not found:
+        click.echo(f"no runs in {runs_dir.resolve()}")
+        return
+    for root in found:
+        r = Run(root, json.loads((root / "state.json").read_text()))
+        steps = "  ".join(f"{s}:{(r.current(s) or {}).get('state', '-')}" for s in r.steps())
+        click.echo(f"{r.run_id}  {r.backend_name:<5}  {r.state.get('created', '')}  {steps}")
+
+
+@main.command()
+@click.argument("step", type=click.Choice(STEP_NAMES))
+@click.argument("run", required=False)
+@click.option("-f", "--follow", is_flag=True,
+              help="Keep printing new lines, across requeues and reruns, until the step ends.")
+@click.option("--rank", type=click.IntRange(min=0), help="Only lines of this srun task (rank).")
+@click.option("--grep", "pattern", help="Only lines matching this regular expression.")
+@runs_dir_option
+def logs(step: str, run: str | None, follow: bool, rank: int | None, pattern: str | None,
+         runs_dir: Path) -> None:
+    """Print (or follow with -f) the log of STEP in RUN (default: the latest run).
+
+    Logs are at logs/<run-id>/<step>-<jobid>.out; progress-bar redraws are collapsed.
+    """
+    from hpcpipe import logs as logs_mod
+
+    r = _open_run(runs_dir, run)
+    try:
+        logs_mod.show(r, step, click.echo, follow, logs_mod.LineFilter(rank, pattern))
+    except KeyboardInterrupt:
+        pass
+
+
+@main.command()
+@click.argument("run", required=False)
+@click.option("--plot", is_flag=True, help="Also write summary.png (loss, validation, throughput).")
+@runs_dir_option
+def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
+    """Report on RUN (default: the latest): per step state, elapsed, queue wait, CPU efficiency,
+    memory, throughput, the training curve against the naive baselines, and a diagnosis of what
+    went wrong with the evidence line and the next thing to do. Also written to summary.md."""
+    from hpcpipe import files, pipeline, summary
+
+    r = _open_run(runs_dir, run)
+    note = pipeline.refresh(r)
+    summary.refresh_accounting(r)
+    with r.try_lock() as locked:
+        if locked:
+            r.save()
+    text = summary.build_report(r)
+    if note:
+        text += f"\nnote: {note}\n"
+    files.write_text(r.layout.summary, text)
+    click.echo(text)
+    if plot:
+        from hpcpipe import plot as plot_mod
+
+        click.echo(f"plot: {plot_mod.write_plot(r)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# changing a run
+
+
+@main.command()
+@click.argument("run_or_step", required=False)
+@click.argument("step", required=False, type=click.Choice(STEP_NAMES))
+@runs_dir_option
+def cancel(run_or_step: str | None, step: str | None, runs_dir: Path) -> None:
+    """Cancel a whole run, or one STEP and the steps after it, in one scancel call.
+
+    \b
+    hpcpipe cancel                 # every unfinished job of the latest run
+    hpcpipe cancel train           # the train step of the latest run
+    hpcpipe cancel RUN features    # features and train of RUN
+    """
+    from hpcpipe import pipeline
+
+    run = run_or_step
+    if run_or_step in STEP_NAMES and step is None:
+        run, step = None, run_or_step
+    r = _open_run(runs_dir, run)
+    ids = pipeline.cancel(r, step)
+    click.echo(f"cancelled {', '.join(ids)}" if ids else "nothing to cancel: no job is queued "
+               "or running")
+
+
+@main.command()
+@click.argument("step", type=click.Choice(STEP_NAMES))
+@click.argument("run", required=False)
+@click.option("--downstream/--no-downstream", default=True, show_default=True,
+              help="Also resubmit the later steps that had not completed, behind the new job.")
+@click.option("--cancel-first", is_flag=True, help="Cancel the step's job if it is still running.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Change a config key for this and later submissions of the run.")
+@runs_dir_option
+def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
+          overrides: tuple[str, ...], runs_dir: Path) -> None:
+    """Resubmit STEP in RUN's folder (default: the latest run); the step resumes its work
+    (features keeps finished buckets, train continues from its last checkpoint)."""
+    from hpcpipe import pipeline
+
+    r = _open_run(runs_dir, run)
+    new = pipeline.rerun(r, step, downstream=downstream, cancel_first=cancel_first,
+                         overrides=list(overrides), echo=click.echo)
+    for s, jid in new.items():
+        click.echo(f"  {s:<9} job {jid}")
+
+
+@main.command()
+@click.argument("run", required=False)
+@runs_dir_option
+def predict(run: str | None, runs_dir: Path) -> None:
+    """Write predictions for the latest week of every product from RUN's best checkpoint
+    (to runs/<run-id>/predictions.parquet)."""
+    from hpcpipe.pipeline import load_run_config
+    from hpcpipe.train.predict import predict as do_predict
+
+    r = _open_run(runs_dir, run)
+    path = do_predict(r.layout, load_run_config(r))
+    click.echo(f"predictions: {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+
+
+@main.group()
+def data() -> None:
+    """Make or inspect input data."""
+
+
+@data.command()
+@click.option("--reviews", type=click.IntRange(min=1, max=400_000_000), required=True,
+              help="Number of reviews to write.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Output folder (gets reviews.* and meta.*).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Random seed.")
+@click.option("--products", type=click.IntRange(min=1), help="Number of products (default ~N/80).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl.gz", "jsonl", "parquet"]),
+              default="jsonl.gz", show_default=True, help="File format.")
+def synth(reviews: int, out: Path, seed: int, products: int | None, fmt: str) -> None:
+    """Write a synthetic data set in the Amazon Reviews'23 layout: categories in the product
+    titles, seasonality by category, launch/decay curves, Zipf popularity. Deterministic."""
+    from hpcpipe.synth import write_synthetic
+
+    result = write_synthetic(out, reviews, seed=seed, n_products=products, fmt=fmt)
+    click.echo(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Strict configuration: every bad value is refused naming the key, before anything is queued."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hpcpipe.config import STEPS, RunConfig, check_paths, load_config, parse_override, train_nodes
+from hpcpipe.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "local.yaml"])
+def test_shipped_configs_load(name: str) -> None:
+    cfg = load_config(CONFIGS / name)
+    assert isinstance(cfg, RunConfig) and cfg.steps == list(STEPS)
+
+
+def test_overrides_are_typed_yaml_values() -> None:
+    cfg = load_config(None, ["train.epochs=5", "train.lr=1e-3", "slurm.setup=[module load x]",
+                             "train.freeze_encoder=true", "ingest.time=90"])
+    assert cfg.train.epochs == 5 and cfg.train.lr == 1e-3 and cfg.train.freeze_encoder is True
+    assert cfg.slurm.setup == ["module load x"] and cfg.ingest.time == "90"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.epoch=3", "unknown config key 'train.epoch'; did you mean 'epochs'"),
+        ("bogus.x=1", "unknown config key 'bogus'"),
+        ("train.epochs=three", "train.epochs: expected an integer, got 'three'"),
+        ("train.epochs=true", "train.epochs: expected an integer"),
+        ("train.gpus=0", "train.gpus must be a positive integer, got 0"),
+        ("features.cpus=-4", "features.cpus must be a positive integer, got -4"),
+        ("train.time=2h", "train.time: '2h' is not a Slurm time limit"),
+        ("features.mem=lots", "features.mem: 'lots' is not a memory size"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not one of fp16, bf16, fp32"),
+        ("train.gpus=3", "train.gpus=3 does not fill whole nodes"),
+        ("steps=[ingest,bake]", "steps: ['ingest', 'bake']"),
+        ("name=../../etc", "name: '../../etc' must start with a letter or digit"),
+        ("slurm.partition=gpu;rm -rf /", "slurm.partition"),
+        ("slurm.account=$(whoami)", "slurm.account"),
+        ("slurm.extra_sbatch=[--comment=`id`]", "slurm.extra_sbatch[0]"),
+        ("slurm.extra_sbatch=[mail]", "slurm.extra_sbatch[0]"),
+        ("train", "expected key=value"),
+    ],
+)
+def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_newline_in_setup_line_is_refused() -> None:
+    with pytest.raises(ConfigError, match=r"slurm.setup\[0\]: one shell line"):
+        load_config(None, ['slurm.setup=["module load x\\nrm -rf ~"]'])
+
+
+def test_bad_yaml_file_names_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml is not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    top = tmp_path / "list.yaml"
+    top.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(top)
+
+
+def test_paths_are_checked_before_queueing(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"data.reviews\[0\]: .*does not exist"):
+        check_paths(load_config(None, [f"data.reviews=[{tmp_path}/nope.jsonl]"]))
+    (tmp_path / "r.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="data.metadata: the product metadata file is required"):
+        check_paths(load_config(None, [f"data.reviews=[{tmp_path}/r.jsonl]"]))
+    with pytest.raises(ConfigError, match="train.model: .* is not a local Hugging Face model"):
+        check_paths(load_config(None, [f"train.model={tmp_path}/no-model"]))
+
+
+def test_parse_override_nests_keys() -> None:
+    assert parse_override("a.b.c=1") == {"a": {"b": {"c": 1}}}
+
+
+@pytest.mark.parametrize(("gpus", "per_node", "expected"), [(1, 2, (1, 1)), (2, 2, (1, 2)),
+                                                            (4, 2, (2, 2)), (8, 4, (2, 4))])
+def test_train_nodes_is_ceil_of_gpus_over_gpus_per_node(gpus: int, per_node: int,
+                                                        expected: tuple[int, int]) -> None:
+    cfg = load_config(None, [f"train.gpus={gpus}", f"train.gpus_per_node={per_node}"])
+    assert train_nodes(cfg.train) == expected
