@@ -30,7 +30,7 @@ def _wait(backend: LocalBackend, job: str, states: set[str], timeout: float = 20
 
 def test_chain_runs_in_order_and_logs_where_slurm_would(tmp_path: Path) -> None:
     backend = LocalBackend(tmp_path)
-    first = backend.submit(_script(tmp_path, "a", "sleep 1; echo first > $HPCPIPE_JOB_ID.txt; "
+    first = backend.submit(_script(tmp_path, "a", "sleep 1; "
                                    f"echo done-a; touch {tmp_path}/a.done"), [])
     second = backend.submit(_script(tmp_path, "b", f"test -e {tmp_path}/a.done; echo done-b"),
                             [first])
