@@ -77,7 +77,8 @@ def scan_log(path: Path) -> dict[str, Any]:
                     in_tb = False
             for name, pat in _PATTERNS:
                 if pat.search(line):
-                    found[name] = line.strip()
+                    # The first line of a kind is the cause; later ones are its consequences.
+                    found.setdefault(name, line.strip())
                     break
     return found
 

@@ -400,11 +400,12 @@ cmd_status() {
 }
 
 case ${1:-} in
+    install) ensure_packages ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     *)
-        echo "usage: $0 start|stop|status   (state in $DIR)" >&2
+        echo "usage: $0 install|start|stop|status   (state in $DIR)" >&2
         exit 2
         ;;
 esac

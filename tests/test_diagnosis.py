@@ -1,0 +1,92 @@
+"""Diagnoses for failures a one-machine cluster cannot produce on demand.
+
+The logs and the sacct text under tests/fixtures/ are kept as fixtures, named as such: NCCL
+watchdog timeouts, CUDA out-of-memory, node failures and cgroup OOM kills are copied in the form
+real clusters print them. The cases the test cluster can produce for real live in the slurm tests.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from hpcpipe.run import Run
+from hpcpipe.scheduler import parse_sacct
+from hpcpipe.summary import build_report, diagnose, scan_log
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _run_with(tmp_path: Path, step: str, log: str, **job: str) -> Run:
+    run = Run.create(tmp_path / "runs", "run-fixture", "slurm", tmp_path / "logs")
+    ups = {"ingest": [], "features": ["ingest"], "train": ["ingest", "features"]}[step]
+    for up in ups:
+        rec = run.add_job(up, "100", [], Path("x"))
+        rec.update(state="COMPLETED", final=True)
+    rec = run.add_job(step, job.pop("job_id", "3015454"), [], Path("x"))
+    dest = tmp_path / "logs" / Path(log).name
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(FIXTURES / "logs" / log, dest)
+    rec.update(log=str(dest), final=True, **job)
+    run.save()
+    return run
+
+
+@pytest.mark.parametrize(
+    ("step", "log", "job", "problem", "evidence", "action"),
+    [
+        ("train", "nccl_timeout.log", {"state": "FAILED", "exit_code": "134:0"},
+         "NCCL error or collective timeout", "Watchdog caught collective operation timeout",
+         "resumes from the last checkpoint"),
+        ("train", "cuda_oom.log", {"state": "FAILED", "exit_code": "1:0"}, "CUDA out of memory",
+         "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 3.00 GiB",
+         "lower train.batch_size"),
+        ("features", "node_fail.log", {"state": "NODE_FAIL", "nodes": "cpu-node-07"},
+         "a node failed (NODE_FAIL)", "DUE TO NODE FAILURE", "--exclude=cpu-node-07"),
+        ("features", "host_oom_cgroup.log", {"state": "OUT_OF_MEMORY", "req_mem": "64G",
+                                             "max_rss_bytes": str(66998012 * 1024)},
+         "out of host memory", "Some of the step tasks have been OOM Killed",
+         "raise features.mem (requested 64G, peak 63.9 GB)"),
+    ],
+)
+def test_fixture_failures_are_diagnosed_with_evidence_and_next_action(
+        tmp_path: Path, step: str, log: str, job: dict, problem: str, evidence: str,
+        action: str) -> None:
+    run = _run_with(tmp_path, step, log, **job)
+    (diag,) = diagnose(run)
+    assert diag.step == step and problem in diag.problem
+    assert evidence in diag.evidence
+    assert action in diag.action
+    assert evidence in build_report(run)
+
+
+def test_last_traceback_frame_and_message_are_found() -> None:
+    found = scan_log(FIXTURES / "logs" / "cuda_oom.log")
+    frame, message = found["traceback"]
+    assert frame.endswith("torch/_tensor.py:626 in backward")
+    assert message.startswith("torch.OutOfMemoryError: CUDA out of memory")
+
+
+def test_real_sacct_text_node_fail_oom_and_requeue() -> None:
+    jobs = parse_sacct((FIXTURES / "sacct_real.txt").read_text())
+    assert jobs["3015454"].state == "NODE_FAIL"
+    assert jobs["3015454"].extra["max_rss_bytes"] == str(30150312 * 1024)
+    assert jobs["3015461"].state == "OUT_OF_MEMORY"
+    # a job requeued once: the last allocation row wins and the requeue is counted
+    assert jobs["3015470"].state == "COMPLETED" and jobs["3015470"].restarts == 1
+    assert jobs["3015470"].nodes == "gpu-node-04"
+
+
+def test_a_tqdm_heavy_log_is_scanned_line_by_line(tmp_path: Path) -> None:
+    log = tmp_path / "big.log"
+    with open(log, "w") as f:
+        for i in range(20000):
+            f.write("".join(f"\rbuckets: {j}%|##  | {j}/100 [00:0{j % 10}<00:10, 3.1it/s]"
+                            for j in range(5)) + "\n")
+            if i == 15000:
+                f.write("Traceback (most recent call last):\n  File \"/x/y.py\", line 3, in f\n"
+                        "ValueError: bad bucket 00012\n")
+    found = scan_log(log)
+    assert found["traceback"] == ("/x/y.py:3 in f", "ValueError: bad bucket 00012")
