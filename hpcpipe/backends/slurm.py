@@ -15,8 +15,11 @@ class SlurmBackend(Backend):
     name = "slurm"
 
     def launcher(self, step: str, ntasks: int) -> str:
-        # srun starts one task per rank; a failing rank ends the whole step.
-        return "srun --kill-on-bad-exit=1 --label" if ntasks > 1 or step == "train" else ""
+        # srun starts one task per rank; a failing rank ends the whole step. Since Slurm 22.05
+        # srun no longer takes --cpus-per-task over from sbatch: pass it on explicitly.
+        if ntasks > 1 or step == "train":
+            return 'srun --kill-on-bad-exit=1 --label --cpus-per-task="$SLURM_CPUS_PER_TASK"'
+        return ""
 
     def _dependency_args(self, depends_on: list[str]) -> list[str]:
         if not depends_on:
