@@ -1,0 +1,267 @@
+"""hpcpipe.ingest on real files in tmp_path: counts, quarantine reasons, whole-input errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from hpcpipe.config import IngestConfig, RunConfig
+from hpcpipe.errors import InputError
+from hpcpipe.ingest import REASON_SECONDS, bucket_of, ingest, run
+from hpcpipe.layout import RunLayout
+from hpcpipe.metrics import MetricsWriter, read_metrics
+from hpcpipe.synth import write_synthetic
+
+TS = 1_600_000_000_000  # 2020-09-13, in ms
+
+
+def review(i: int, **over) -> dict:
+    r = {"rating": 4.0, "title": "ok", "text": f"text {i}", "images": [], "asin": f"A{i % 7}",
+         "parent_asin": f"P{i % 7}", "user_id": f"U{i}", "timestamp": TS + i * 1000,
+         "helpful_vote": 1, "verified_purchase": True}
+    r.update(over)
+    return {k: v for k, v in r.items() if v is not _DROP}
+
+
+_DROP = object()
+
+
+def write_lines(path, lines: list[bytes | str | dict], newline_at_end: bool = True) -> None:
+    out = []
+    for x in lines:
+        if isinstance(x, dict):
+            x = json.dumps(x)
+        out.append(x.encode() if isinstance(x, str) else x)
+    data = b"\n".join(out) + (b"\n" if newline_at_end else b"")
+    if str(path).endswith(".gz"):
+        data = gzip.compress(data)
+    path.write_bytes(data)
+
+
+def write_meta(path, ids) -> None:
+    write_lines(path, [{"parent_asin": p, "title": f"Thing {p}", "main_category": "Toys",
+                        "store": "S", "categories": ["a", "b"]} for p in ids])
+
+
+def quarantine(out) -> list[dict]:
+    return [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+
+
+def cfg(rows: int = 500_000) -> IngestConfig:
+    return IngestConfig(target_bucket_rows=rows)
+
+
+def test_run_on_synthetic_data_and_rerun_skips(tmp_path):
+    layout = RunLayout(tmp_path / "run")
+    config = RunConfig()
+    config.data.synth_reviews = 20_000
+    config.ingest.target_bucket_rows = 6_000
+    metrics = MetricsWriter(layout.metrics, "ingest")
+    m = run(layout, config, metrics)
+    assert (layout.raw / "reviews.jsonl.gz").is_file() and (layout.raw / "synth.json").is_file()
+    assert m["rows_in"] == 20_000
+    assert m["rows_in"] == m["rows_out"] + m["quarantined"] + m["duplicates"]
+    assert m["n_buckets"] == 4
+    out = layout.ingest
+    tables = []
+    for b in range(4):
+        t = pq.read_table(out / "reviews" / f"bucket={b:05d}" / "part-0.parquet")
+        assert t.schema.names == ["parent_asin", "asin", "user_id", "timestamp", "rating", "title",
+                                  "text", "text_chars", "helpful_vote", "verified_purchase"]
+        assert t.schema.field("rating").type == pa.float32()
+        assert t.schema.field("text_chars").type == pa.int32()
+        keys = list(zip(t.column("parent_asin").to_pylist(), t.column("timestamp").to_pylist(),
+                        strict=True))
+        assert keys == sorted(keys)
+        assert (bucket_of(t.column("parent_asin"), 4) == b).all()
+        tables.append(t)
+    assert sum(t.num_rows for t in tables) == m["rows_out"]
+    products = pq.read_table(out / "products.parquet")
+    assert products.num_rows == m["products"]
+    assert m["products_without_metadata"] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["last_week"] and manifest["min_timestamp"] <= manifest["max_timestamp"]
+    summary = [r for r in read_metrics(layout.metrics) if r["kind"] == "summary"]
+    assert summary[-1]["rows_out"] == m["rows_out"] and summary[-1]["rows_per_s"] > 0
+
+    raw_mtime = (layout.raw / "reviews.jsonl.gz").stat().st_mtime_ns
+    again = run(layout, config, metrics)
+    assert again["skipped"] is True and again["rows_out"] == m["rows_out"]
+    assert (layout.raw / "reviews.jsonl.gz").stat().st_mtime_ns == raw_mtime  # synthesis reused
+    assert read_metrics(layout.metrics)[-1]["skipped"] is True
+
+
+def test_parquet_input_matches_jsonl_input(tmp_path):
+    write_synthetic(tmp_path / "p", 8_000, seed=2, fmt="parquet")
+    write_synthetic(tmp_path / "j", 8_000, seed=2, fmt="jsonl")
+    mp = ingest([tmp_path / "p" / "reviews.parquet"], tmp_path / "p" / "meta.parquet",
+                tmp_path / "out_p", cfg(3_000))
+    mj = ingest([tmp_path / "j" / "reviews.jsonl"], tmp_path / "j" / "meta.jsonl",
+                tmp_path / "out_j", cfg(3_000))
+    assert mp["rows_out"] == mj["rows_out"] == 8_000 and mp["n_buckets"] == 3
+    for b in range(3):
+        rel = f"reviews/bucket={b:05d}/part-0.parquet"
+        assert pq.read_table(tmp_path / "out_p" / rel).equals(pq.read_table(tmp_path / "out_j" / rel))
+
+
+def test_bad_rows_are_quarantined_with_reasons(tmp_path):
+    future = int((time.time() + 30 * 86400) * 1000)
+    lines = [review(i) for i in range(60)] + [
+        '{"rating": 5.0, "parent_asin": "P1", "user_id": "x", ',  # 61 malformed
+        b'{"rating": 5.0, "parent_asin": "P1", "user_id": "\xff\xfe", "timestamp": 1600000000000}',
+        review(62, rating=_DROP),  # 63
+        review(63, parent_asin=_DROP),
+        review(64, user_id=None),
+        review(65, timestamp=_DROP),
+        review(66, rating="five"),
+        review(67, rating=7.0),
+        review(68, timestamp=-5),
+        review(69, timestamp=future),  # 70
+        review(70, timestamp=1_600_000_000),  # seconds
+        review(5),  # 72: duplicate of line 6
+        "",  # a blank line is skipped, not counted
+        '[1, 2]',  # 74
+        '{"rating": 4.0, "parent_asin": "P1", "user_id": "z", "timestamp": 16',  # truncated last
+    ]
+    src = tmp_path / "reviews.jsonl"
+    write_lines(src, lines, newline_at_end=False)
+    write_meta(tmp_path / "meta.jsonl", [f"P{i}" for i in range(7)])
+    m = ingest([src], tmp_path / "meta.jsonl", tmp_path / "out", cfg())
+    got = {q["line"]: q["reason"] for q in quarantine(tmp_path / "out")}
+    assert got == {
+        61: "malformed JSON", 62: "non-UTF-8 bytes", 63: "missing required field: rating",
+        64: "missing required field: parent_asin", 65: "missing required field: user_id",
+        66: "missing required field: timestamp", 67: "rating is not a number",
+        68: "rating out of range [1, 5]", 69: "timestamp is negative",
+        70: "timestamp is in the future", 71: REASON_SECONDS, 74: "not a JSON object",
+        75: "truncated last line"}
+    assert all(q["source"] == str(src) and q["raw"] for q in quarantine(tmp_path / "out"))
+    assert m["duplicates"] == 1 and m["rows_out"] == 60 and m["quarantined"] == 13
+    assert m["rows_in"] == m["rows_out"] + m["quarantined"] + m["duplicates"]
+    assert m["reasons"]["malformed JSON"] == 1
+
+
+def test_duplicates_keep_first(tmp_path):
+    rows = [review(0, text="first"), review(1), review(0, text="second")]
+    write_lines(tmp_path / "r.jsonl", rows)
+    write_meta(tmp_path / "m.jsonl", ["P0", "P1"])
+    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    t = pq.read_table(tmp_path / "out" / "reviews" / "bucket=00000" / "part-0.parquet")
+    assert m["duplicates"] == 1 and "second" not in t.column("text").to_pylist()
+
+
+def test_gz_input_and_products_without_metadata(tmp_path):
+    write_lines(tmp_path / "r.jsonl.gz", [review(i) for i in range(70)])
+    write_meta(tmp_path / "m.jsonl.gz", [f"P{i}" for i in range(5)])  # P5, P6 have none
+    m = ingest([tmp_path / "r.jsonl.gz"], tmp_path / "m.jsonl.gz", tmp_path / "out", cfg())
+    assert m["rows_out"] == 70 and m["products_without_metadata"] == 2
+    products = pq.read_table(tmp_path / "out" / "products.parquet").to_pylist()
+    assert len(products) == 7 and products[-1]["title"] is None
+
+
+def test_whole_file_in_seconds_is_an_input_error(tmp_path):
+    write_lines(tmp_path / "r.jsonl", [review(i, timestamp=1_600_000_000 + i) for i in range(9)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    with pytest.raises(InputError, match=r"r\.jsonl.*seconds"):
+        ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "extension", "gz_cut", "parquet_cut",
+                                  "meta_mismatch", "meta_no_parent_asin"])
+def test_whole_input_errors_name_the_file(tmp_path, case):
+    reviews = tmp_path / "r.jsonl"
+    meta = tmp_path / "m.jsonl"
+    write_lines(reviews, [review(i) for i in range(200)])
+    write_meta(meta, [f"P{i}" for i in range(7)])
+    bad = reviews
+    if case == "missing":
+        bad = reviews = tmp_path / "nope.jsonl"
+    elif case == "empty":
+        reviews.write_bytes(b"")
+    elif case == "extension":
+        bad = reviews = tmp_path / "r.csv"
+        reviews.write_text("a,b\n")
+    elif case == "gz_cut":
+        bad = reviews = tmp_path / "r.jsonl.gz"
+        data = gzip.compress(("\n".join(json.dumps(review(i)) for i in range(5000))).encode())
+        reviews.write_bytes(data[: len(data) // 2])
+    elif case == "parquet_cut":
+        bad = reviews = tmp_path / "r.parquet"
+        pq.write_table(pa.Table.from_pylist([review(i) for i in range(200)]), reviews)
+        reviews.write_bytes(reviews.read_bytes()[:-100])
+    elif case == "meta_mismatch":
+        bad = meta
+        write_meta(meta, ["X1", "X2", "P1"])
+    elif case == "meta_no_parent_asin":
+        bad = meta
+        write_lines(meta, [{"asin": "P1", "title": "t"}])
+    with pytest.raises(InputError) as err:
+        ingest([reviews], meta, tmp_path / "out", cfg())
+    assert str(bad) in str(err.value)
+    if case in ("gz_cut", "parquet_cut"):
+        assert "truncated" in str(err.value)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not [p for p in (tmp_path / "out").glob("*") if p.name.startswith(".tmp-")] \
+        if (tmp_path / "out").exists() else True
+
+
+def test_parquet_bad_rows_use_row_index(tmp_path):
+    rows = [review(i) for i in range(20)]
+    rows[3]["rating"] = 0.0
+    rows[5]["timestamp"] = 1_600_000_000
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "r.parquet")
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    m = ingest([tmp_path / "r.parquet"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    got = {q["line"]: q["reason"] for q in quarantine(tmp_path / "out")}
+    assert got == {3: "rating out of range [1, 5]", 5: REASON_SECONDS}
+    assert m["rows_out"] == 18
+
+
+def test_changed_input_reruns(tmp_path):
+    write_lines(tmp_path / "r.jsonl", [review(i) for i in range(30)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    write_lines(tmp_path / "r.jsonl", [review(i) for i in range(40)])
+    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert "skipped" not in m and m["rows_out"] == 40
+
+
+def test_bucket_of_is_stable_across_processes():
+    ids = [f"B0{i:08d}" for i in range(1000)]
+    here = bucket_of(ids, 64)
+    assert here.dtype == np.int32 and here.min() >= 0 and here.max() < 64
+    assert len(set(here.tolist())) > 50  # spreads
+    assert (bucket_of(pa.array(ids), 64) == here).all()
+    assert (bucket_of(pc.cast(pa.chunked_array([ids[:10], ids[10:]]), pa.string()), 64)
+            == here).all()
+    code = ("from hpcpipe.ingest import bucket_of; "
+            "print(bucket_of([f'B0{i:08d}' for i in range(1000)], 64).tolist())")
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        assert json.loads(out.stdout) == here.tolist()
+    # Fixed reference values: a change of hash function would silently move products.
+    assert bucket_of(["B00000001", "B0BTRZ416V", "X"], 1000).tolist() == _REFERENCE
+
+
+_REFERENCE = [775, 362, 87]
+
+
+def test_no_valid_rows_is_an_input_error_and_keeps_the_quarantine(tmp_path):
+    write_lines(tmp_path / "r.jsonl", [review(i, rating=9.0) for i in range(5)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    with pytest.raises(InputError, match=r"no valid reviews.*5 rating out of range"):
+        ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert len(quarantine(tmp_path / "out")) == 5
+    assert not (tmp_path / "out" / "manifest.json").exists()
