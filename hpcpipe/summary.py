@@ -233,9 +233,9 @@ def build_report(run: Run) -> str:
         thr = "-"
         if summ:
             s = summ[-1]
-            if "rows_per_s" in s:
+            if isinstance(s.get("rows_per_s"), (int, float)):
                 thr = f"{s['rows_per_s']:,.0f} rows/s"
-            elif "samples_per_s" in s:
+            elif isinstance(s.get("samples_per_s"), (int, float)):
                 thr = f"{s['samples_per_s']:,.1f} samples/s"
         earlier = ", ".join(f"{j['job_id']} ({j.get('state', '?')})" for j in run.jobs(step)[:-1])
         lines.append(f"| {step} | {rec['job_id']} | {rec.get('state', '?')} | "

@@ -1,0 +1,150 @@
+"""The whole pipeline on the real two-node Slurm test cluster, driven through the `hpcpipe` CLI.
+
+One submission of the three steps, watched with status/logs/summarize; the train step runs as 4
+ranks on 2 nodes (gloo on CPU: the GPUs of the test cluster are fake GRES); train is cancelled
+while it runs and `hpcpipe rerun train` completes it from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slurm
+
+SMALL = [
+    "--set", "data.synth_reviews=20000", "--set", "ingest.target_bucket_rows=6000",
+    "--set", "ingest.mem=2G", "--set", "features.mem=4G", "--set", "train.mem=3G",
+    "--set", "train.cpus_per_gpu=1", "--set", "train.epochs=2", "--set", "train.batch_size=16",
+    "--set", "train.max_length=32", "--set", "train.num_workers=0", "--set", "train.log_every=5",
+    "--set", "train.max_steps_per_epoch=12", "--set", "train.checkpoint_every=4",
+    "--set", "train.precision=fp32", "--set", "train.val_weeks=4",
+    # fine-tune the transformer itself, so DDP carries the encoder's gradients across nodes
+    "--set", "train.freeze_encoder=false",
+]
+
+
+def hp(cwd: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def steps(cwd: Path) -> dict[str, dict]:
+    out = json.loads(hp(cwd, "status", "--json").stdout)
+    return {row["step"]: row for row in out["steps"]}
+
+
+def wait_for(cwd: Path, cond, timeout: float, what: str) -> dict[str, dict]:
+    deadline = time.time() + timeout
+    seen: list = []
+    while time.time() < deadline:
+        rows = steps(cwd)
+        seen.append({s: (r["job_id"], r["state"], r["reason"]) for s, r in rows.items()})
+        if cond(rows):
+            return rows
+        failed = [s for s, r in rows.items() if r["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY")]
+        if failed:
+            log = Path(rows[failed[0]]["log"])
+            raise AssertionError(f"{failed} failed while waiting for {what}:\n"
+                                 + (log.read_text()[-4000:] if log.exists() else "(no log)"))
+        time.sleep(1)
+    raise AssertionError(f"timed out waiting for {what}; last states {seen[-3:]}")
+
+
+def test_submit_runs_the_pipeline_on_two_nodes_and_rerun_completes_a_cancelled_train(
+        tmp_path: Path, slurm_cluster) -> None:
+    out = hp(tmp_path, "submit", "--cpus", "32", "--gpus", "4", "--gpus-per-node", "2", *SMALL).stdout
+    assert "ingest" in out and "features" in out and "train" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    state = json.loads((run_dir / "state.json").read_text())
+    ids = {s: state["steps"][s]["jobs"][0]["job_id"] for s in ("ingest", "features", "train")}
+    assert state["steps"]["features"]["jobs"][0]["depends_on"] == [ids["ingest"]]
+    assert state["steps"]["train"]["jobs"][0]["depends_on"] == [ids["features"]]
+
+    # The dependency visibly holds train while an earlier step runs.
+    rows = wait_for(tmp_path, lambda r: r["features"]["state"] == "RUNNING"
+                    or r["ingest"]["state"] == "RUNNING", 180, "ingest or features to run")
+    assert rows["train"]["state"] == "PENDING" and rows["train"]["reason"] == "Dependency"
+    text = hp(tmp_path, "status").stdout
+    assert "Dependency" in text
+
+    # train runs as 4 ranks on 2 nodes; cancel it once it has written a checkpoint.
+    ckpt = run_dir / "train" / "checkpoints" / "last.pt"
+    deadline = time.time() + 600
+    while not ckpt.exists():
+        rows = steps(tmp_path)
+        assert rows["train"]["state"] in ("PENDING", "RUNNING", "CONFIGURING"), rows
+        assert time.time() < deadline, "train wrote no checkpoint in time"
+        time.sleep(1)
+    rows = steps(tmp_path)
+    assert rows["train"]["nodes"] in ("n[1-2]", "n1,n2"), rows["train"]
+    cancelled = hp(tmp_path, "cancel", "train").stdout
+    assert ids["train"] in cancelled
+    wait_for(tmp_path, lambda r: r["train"]["state"] == "CANCELLED", 60, "train to be cancelled")
+    assert steps(tmp_path)["features"]["state"] == "COMPLETED"
+    assert steps(tmp_path)["ingest"]["state"] == "COMPLETED"
+
+    rerun = hp(tmp_path, "rerun", "train").stdout
+    assert "train" in rerun
+    rows = wait_for(tmp_path, lambda r: r["train"]["state"] == "COMPLETED", 600, "rerun of train")
+    assert rows["train"]["earlier"] == [ids["train"]] and rows["train"]["job_id"] != ids["train"]
+
+    log = hp(tmp_path, "logs", "train").stdout
+    assert "on 4 rank(s)" in log and "rank 3/4" not in log, log[-3000:]  # only rank 0 logs
+    resumed = [line for line in log.splitlines() if "resuming from" in line]
+    assert resumed and "epoch 2, step 0" not in resumed[-1], log[-3000:]
+    assert hp(tmp_path, "logs", "train", "--rank", "3").returncode == 0
+
+    report = hp(tmp_path, "summarize").stdout
+    for step in ("ingest", "features", "train"):
+        assert f"| {step} |" in report
+    assert "validation SMAPE" in report
+    assert (run_dir / "summary.md").exists()
+    assert (run_dir / "predictions.parquet").exists()
+
+
+def test_layout_the_partition_cannot_place_is_refused_before_queueing(tmp_path: Path,
+                                                                       slurm_cluster) -> None:
+    for args, message in [
+        (["--gpus", "6", "--gpus-per-node", "3"], "most GPUs on one node: 2"),
+        (["--gpus", "8", "--gpus-per-node", "2"], "only 2 node(s)"),
+        (["--cpus", "64"], "features asks for 64 CPUs"),
+        (["--partition", "nosuch"], "partition 'nosuch' does not exist"),
+    ]:
+        proc = hp(tmp_path, "submit", *args, check=False)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_sbatch_rejection_shows_slurms_message_and_cancels_earlier_jobs(tmp_path: Path,
+                                                                        slurm_cluster) -> None:
+    # More memory than a node has passes our checks but sbatch refuses the features job: the
+    # ingest job already submitted must be cancelled and the error must carry Slurm's words.
+    proc = hp(tmp_path, "submit", "--set", "features.mem=900000M", check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "submitting step features failed" in proc.stderr
+    assert "Requested node configuration is not available" in proc.stderr, proc.stderr
+    assert "were cancelled" in proc.stderr
+    state = json.loads(next((tmp_path / "runs").iterdir()).joinpath("state.json").read_text())
+    ingest = state["steps"]["ingest"]["jobs"][0]
+    assert ingest["state"] == "CANCELLED"
+    assert slurm_cluster.wait_state(ingest["job_id"], "CANCELLED", timeout=30) == "CANCELLED"
+    assert "features" not in state["steps"]
+
+
+def test_dry_run_prints_scripts_and_sbatch_lines_and_submits_nothing(tmp_path: Path,
+                                                                     slurm_cluster) -> None:
+    out = hp(tmp_path, "submit", "--gpus", "4", "--gpus-per-node", "2", "--dry-run").stdout
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --gres=gpu:2" in out
+    assert "$ sbatch --parsable --dependency=afterok:<job id of features> " \
+        "--kill-on-invalid-dep=yes" in out
+    assert not (tmp_path / "runs").exists()
