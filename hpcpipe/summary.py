@@ -127,11 +127,11 @@ def diagnose(run: Run) -> list[Diagnosis]:
                                  f"batch) or turn on train.grad_checkpointing, then `hpcpipe rerun "
                                  f"{step}`"))
         elif state == "OUT_OF_MEMORY" or "host_oom" in found:
+            peak = f", peak {_bytes(rec['max_rss_bytes'])}" if rec.get("max_rss_bytes") else ""
             out.append(Diagnosis(step, "out of host memory (killed by Slurm/the kernel)",
                                  found.get("host_oom", f"sacct state {state}"),
                                  f"raise {step}.mem (requested {rec.get('req_mem') or 'default'}"
-                                 f"{', peak ' + _bytes(rec['max_rss_bytes']) if rec.get('max_rss_bytes') else ''}"
-                                 f") and `hpcpipe rerun {step} --set {step}.mem=<more>`"))
+                                 f"{peak}) and `hpcpipe rerun {step} --set {step}.mem=<more>`"))
         elif "nccl" in found:
             out.append(Diagnosis(step, "NCCL error or collective timeout", found["nccl"],
                                  "check the nodes' network/GPUs (`sinfo -R`), exclude a bad node "
