@@ -24,6 +24,9 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, kind: str, **values: Any) -> dict[str, Any]:
+        clash = {"time", "step", "job_id", "kind"} & set(values)
+        if clash:
+            raise ValueError(f"metrics fields {sorted(clash)} are reserved; use another name")
         record = {"time": round(time.time(), 3), "step": self.step, "job_id": self.job_id,
                   "kind": kind, **values}
         line = json.dumps(record, default=_default, sort_keys=False) + "\n"

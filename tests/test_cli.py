@@ -134,3 +134,15 @@ def test_concurrent_commands_on_one_run_are_refused(tmp_path: Path) -> None:
         result = CliRunner().invoke(main, ["cancel", "--runs-dir", str(tmp_path / "runs")])
     assert result.exit_code != 0 and "is busy" in result.output and "hpcpipe rerun" in \
         result.output
+
+
+def test_metrics_fields_cannot_overwrite_the_step_name(tmp_path: Path) -> None:
+    from hpcpipe.metrics import MetricsWriter, read_metrics
+
+    writer = MetricsWriter(tmp_path / "m.jsonl", "train", job_id="7")
+    with pytest.raises(ValueError, match="reserved"):
+        writer.write("train", step=3)
+    writer.write("train", global_step=3, loss=0.5)
+    assert read_metrics(tmp_path / "m.jsonl") == [
+        {**read_metrics(tmp_path / "m.jsonl")[0], "step": "train", "job_id": "7", "kind": "train",
+         "global_step": 3, "loss": 0.5}]

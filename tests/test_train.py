@@ -152,7 +152,7 @@ def new_run(dataset: Path, dest: Path, tiny_model: Path, **train: object) -> tup
 
 
 def train_losses(layout: RunLayout) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(layout.metrics) if r["kind"] == "train"}
+    return {r["global_step"]: r["loss"] for r in read_metrics(layout.metrics) if r["kind"] == "train"}
 
 
 def final_weights(layout: RunLayout) -> dict[str, torch.Tensor]:
@@ -330,13 +330,13 @@ def test_resume_mid_epoch_equals_uninterrupted_run(dataset: Path, tiny_model: Pa
     train_run(broken, cfg, MetricsWriter(broken.metrics, "train"))
     assert_same_weights(final_weights(broken), final_weights(whole))
     lines = [r for r in read_metrics(broken.metrics) if r["kind"] == "train"]
-    steps = [r["step"] for r in lines]
+    steps = [r["global_step"] for r in lines]
     # Steps after the checkpoint are logged again (the crash lost them), nothing else repeats.
     assert steps == sorted(steps[:steps.index(crashed_at) + 1]) + list(
         range(crashed_at + 1, steps[-1] + 1))
     ref = train_losses(whole)
     for r in lines[steps.index(crashed_at) + 1:]:
-        assert r["loss"] == pytest.approx(ref[r["step"]], rel=1e-5)
+        assert r["loss"] == pytest.approx(ref[r["global_step"]], rel=1e-5)
 
 
 CRASH_DURING_RENAME = """
@@ -376,7 +376,7 @@ def test_crash_between_write_and_rename_keeps_previous_checkpoint(
     summary = train_run(layout, cfg, MetricsWriter(layout.metrics, "train"))
     assert summary is not None and layout.predictions.is_file()
     assert not any(p.name.startswith(".tmp-") for p in ckpt.iterdir())
-    resumed = [r["step"] for r in read_metrics(layout.metrics) if r["kind"] == "train"]
+    resumed = [r["global_step"] for r in read_metrics(layout.metrics) if r["kind"] == "train"]
     assert resumed.count(6) == 2 and resumed.count(5) == 1, "resumed after step 5"
 
 

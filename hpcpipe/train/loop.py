@@ -234,7 +234,7 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
                 train_seconds += elapsed
                 if main:
                     record = metrics.write(
-                        "train", epoch=epoch, step=global_step, loss=loss_sum / seen,
+                        "train", epoch=epoch, global_step=global_step, loss=loss_sum / seen,
                         lr=optimizer.param_groups[-1]["lr"], samples_per_s=seen / elapsed,
                         tokens_per_s=tokens_seen / elapsed if not t.freeze_encoder else None,
                         gpu_mem_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
