@@ -229,6 +229,35 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_INT = re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0-9_]+(?:[eE][-+][0-9]+)?"
+                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_LOADER: Any = None
+
+
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` without YAML 1.1's base-60 numbers.
+
+    PyYAML reads an unquoted ``12:00:00`` as the integer 43200 (sexagesimal), which a time limit
+    would then take as 43200 minutes; here it stays the string "12:00:00".
+    """
+    global _LOADER
+    import yaml
+
+    if _LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        numbers = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+        Loader.yaml_implicit_resolvers = {
+            first: [(tag, rx) for tag, rx in resolvers if tag not in numbers]
+            for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        Loader.add_implicit_resolver(numbers[0], _INT, list("-+0123456789"))
+        Loader.add_implicit_resolver(numbers[1], _FLOAT, list("-+0123456789."))
+        _LOADER = Loader
+    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> dict[str, Any]:
     """Turn ``train.epochs=3`` into ``{"train": {"epochs": 3}}``; the value is read as YAML."""
     import yaml
@@ -240,7 +269,7 @@ def parse_override(text: str) -> dict[str, Any]:
     if not key or not all(part.isidentifier() for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: {key!r} is not a config key such as train.epochs")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = _yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
     out: dict[str, Any] = {}
@@ -259,7 +288,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist; pass an existing file to --config")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _yaml_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
     if data is None:

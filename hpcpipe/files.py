@@ -7,6 +7,7 @@ complete; a crash between the two leaves the previous version intact.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -45,11 +46,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A failed write() names no file; say which output did not fit, and where.
+            raise OSError(exc.errno, f"{os.strerror(exc.errno)}: could not write {path} (the "
+                          f"disk or quota of {path.parent} is full; the previous version of the "
+                          "file, if any, is intact). Free space there and run the step again"
+                          ) from exc
         raise
 
 

@@ -276,6 +276,11 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
             log.info("%s: %d rows read", path, file_rows)
         spill.close()
         log.info("read and checked %d rows in %.1f s", rows_in, time.perf_counter() - start)
+        if rows_in == 0:
+            raise InputError(
+                f"no reviews in {', '.join(map(str, reviews_paths))}: the input is empty (no "
+                "lines or rows, only blank lines at most). Check that data.reviews names the right "
+                "file and that it was written completely")
         if valid == 0:
             raise InputError(
                 f"no valid reviews in {', '.join(map(str, reviews_paths))}: {rows_in} rows read, "
