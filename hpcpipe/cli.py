@@ -233,8 +233,10 @@ def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
 
     r = _open_run(runs_dir, run)
     note = pipeline.refresh(r)
-    summary.refresh_accounting(r)
     with r.try_lock() as locked:
+        if locked:  # re-read under the lock so a rerun's new jobs are never written over
+            pipeline.reload_state(r)
+        summary.refresh_accounting(r)
         if locked:
             r.save()
     text = summary.build_report(r)

@@ -7,6 +7,7 @@ runners) own the jobs, and every other command reads the run's state file and as
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -81,10 +82,17 @@ def submit(cfg: RunConfig, *, backend_name: str, runs_dir: Path, dry_run: bool,
         echo(f"# dry run: nothing was created or submitted (run id would be {run_id})")
         return None
 
+    # Render every script before anything exists on disk: a value the scripts cannot take is
+    # refused without leaving an empty run folder behind.
+    texts = {step: render.render_step(cfg, layout, step, backend, logs_dir) for step in cfg.steps}
     run = Run.create(runs_dir, run_id, backend_name, Path(cfg.logs_dir))
     with run.lock("submit"):
+        run.save()  # the state appears only under the lock: no rerun can slip in before it
         write_config(cfg, run.layout)
-        scripts = write_scripts(cfg, run.layout, backend, logs_dir, cfg.steps)
+        scripts = {}
+        for step, text in texts.items():
+            scripts[step] = run.layout.scripts / f"{step}.sbatch"
+            files.write_text(scripts[step], text)
         logs_dir.mkdir(parents=True, exist_ok=True)
         submitted: list[str] = []
         for step in cfg.steps:
@@ -92,37 +100,44 @@ def submit(cfg: RunConfig, *, backend_name: str, runs_dir: Path, dry_run: bool,
             try:
                 job_id = backend.submit(scripts[step], deps)
             except SchedulerError as exc:
-                _undo_submission(run, backend, submitted, step, exc)
+                undone = _undo_submission(run, backend, submitted, step, exc)
                 raise SubmissionError(
                     f"submitting step {step} failed. The scheduler said: "
-                    f"{(exc.stderr or exc.stdout).strip() or exc}"
-                    + (f"\nJobs already submitted for this run were cancelled: "
-                       f"{', '.join(submitted)}" if submitted else "")
+                    f"{(exc.stderr or exc.stdout).strip() or exc}" + undone
                     + f"\nRun folder kept for inspection: {run.layout.root}") from None
             run.add_job(step, job_id, deps, scripts[step])
             run.save()
             submitted.append(job_id)
-        run.event(f"submitted {', '.join(f'{s}={j}' for s, j in zip(cfg.steps, submitted, strict=True))}")
+        run.event("submitted " + ", ".join(
+            f"{s}={j}" for s, j in zip(cfg.steps, submitted, strict=True)))
         run.save()
     return run
 
 
 def _undo_submission(run: Run, backend: Backend, submitted: list[str], step: str,
-                     exc: SchedulerError) -> None:
+                     exc: SchedulerError) -> str:
+    """Cancel the jobs a failed submission left; return what to tell the user about them."""
     run.event(f"submission of {step} failed: {(exc.stderr or exc.stdout).strip()}")
+    said = ""
     if submitted:
+        ids = ", ".join(submitted)
         try:
             backend.cancel(submitted)
-            run.event(f"cancelled {', '.join(submitted)} after the failed submission")
+            run.event(f"cancelled {ids} after the failed submission")
             for s in run.steps():
                 for rec in run.jobs(s):
                     if rec["job_id"] in submitted:
                         rec.update(state="CANCELLED", reason="SubmissionFailed", final=True)
+            said = f"\nJobs already submitted for this run were cancelled: {ids}"
         except SchedulerError as cancel_exc:
-            run.event(f"could not cancel {', '.join(submitted)}: {cancel_exc}; "
+            run.event(f"could not cancel {ids}: {cancel_exc}; "
                       "they are recorded here, cancel them with `hpcpipe cancel`")
+            said = (f"\nJobs already submitted for this run could NOT be cancelled ({cancel_exc}); "
+                    f"they are recorded in the run: cancel them with `hpcpipe cancel {run.run_id}` "
+                    f"once the scheduler answers: {ids}")
     run.state["submit_failed"] = True
     run.save()
+    return said
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,7 +148,11 @@ def refresh(run: Run) -> str | None:
     """Ask the scheduler about every job not yet known to be over, in one batch.
 
     Returns None, or a message saying the scheduler could not be reached (the cached states stay).
+    The state file is read again first (and again under the lock before saving), so a watcher
+    that lives long (``status --watch``, ``logs -f``) sees jobs that a ``rerun`` added meanwhile
+    and never writes back a state older than the file's.
     """
+    reload_state(run)
     open_jobs = run.open_jobs()
     if not open_jobs:
         return None
@@ -144,11 +163,48 @@ def refresh(run: Run) -> str | None:
         return f"the scheduler cannot be reached ({exc}); showing the last known states"
     except SchedulerError as exc:
         return f"the scheduler query failed ({exc}); showing the last known states"
-    if run.apply(infos):
-        with run.try_lock() as locked:
-            if locked:  # a command holding the lock will save its own, newer state
-                run.save()
+    with run.try_lock() as locked:
+        if locked:
+            reload_state(run)
+            if run.apply(infos) | _mark_never_satisfied(run):
+                try:
+                    run.save()
+                except OSError as exc:  # only a cache: show the states all the same
+                    return f"the states could not be cached in the run folder ({exc})"
+        else:  # a command holding the lock will save its own, newer state
+            run.apply(infos)
+            _mark_never_satisfied(run)
     return None
+
+
+def _mark_never_satisfied(run: Run) -> bool:
+    """Name DependencyNeverSatisfied where the scheduler's reason hides it.
+
+    A job that never started, was not cancelled by a user, and waits ``afterok`` on a job that
+    ended without completing can never run, whatever reason squeue showed last (it may read
+    ReqNodeNotAvail or Dependency at the moment --kill-on-invalid-dep removes the job).
+    """
+    ended = {r["job_id"]: r.get("state") for s in run.steps() for r in run.jobs(s)
+             if r.get("state") in TERMINAL_STATES}
+    changed = False
+    for step in run.steps():
+        for rec in run.jobs(step):
+            if (rec.get("state") in ("CANCELLED", "PENDING") and not rec.get("start")
+                    and not rec.get("cancelled_by")
+                    and rec.get("reason") != "DependencyNeverSatisfied"
+                    and any(ended.get(d, "COMPLETED") != "COMPLETED"
+                            for d in rec.get("depends_on", []))):
+                rec["reason"] = "DependencyNeverSatisfied"
+                changed = True
+    return changed
+
+
+def reload_state(run: Run) -> None:
+    """Read the run's state file again (kept as it is if the file cannot be read just now)."""
+    try:
+        run.state = files.read_json(run.layout.state)
+    except (OSError, ValueError):
+        pass
 
 
 def is_active(rec: dict | None) -> bool:
@@ -186,7 +242,7 @@ def cancel(run: Run, step: str | None) -> list[str]:
     steps = run.steps() if step is None else [step, *downstream_of(run, step)]
     if step is not None and step not in run.state["steps"]:
         raise RunError(f"run {run.run_id} has no step '{step}' (it has {', '.join(run.steps())})")
-    with run.lock("cancel"):
+    with _lock(run, "cancel"):
         refresh(run)
         ids = [r["job_id"] for s in steps for r in run.jobs(s) if is_active(r)]
         if ids:
@@ -194,6 +250,22 @@ def cancel(run: Run, step: str | None) -> list[str]:
             run.event(f"cancelled {', '.join(ids)}")
             run.save()
     return ids
+
+
+def _lock(run: Run, what: str, wait_s: float = 3.0) -> contextlib.ExitStack:
+    """The run's lock, waiting a moment for it: watchers (status, logs -f) hold it for the few
+    milliseconds of a state save, which must not make a cancel or rerun fail. A command that
+    holds it longer (another rerun) still gets the "busy" error after ``wait_s``."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(run.lock(what))
+            return stack
+        except RunError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
 
 
 def load_run_config(run: Run, overrides: list[str] = ()) -> RunConfig:
@@ -211,7 +283,7 @@ def rerun(run: Run, step: str, *, downstream: bool, cancel_first: bool, override
     """
     if step not in STEPS:
         raise RunError(f"unknown step '{step}'; steps are {', '.join(STEPS)}")
-    with run.lock("rerun"):
+    with _lock(run, "rerun"):
         refresh(run)
         backend = get_backend(run.backend_name, run.layout.root)
         cur = run.current(step)

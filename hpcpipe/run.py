@@ -58,9 +58,9 @@ class Run:
             "logs_dir": str(Path(logs_dir).resolve() / run_id),
             "steps": {}, "events": [],
         }
-        run = cls(root, state)
-        run.save()
-        return run
+        # The caller saves the state under the run's lock (see pipeline.submit), so that no
+        # other command can open the run before its first jobs are recorded.
+        return cls(root, state)
 
     @classmethod
     def open(cls, runs_dir: Path, run: str | None = None) -> Run:
@@ -169,7 +169,8 @@ class Run:
             os.ftruncate(fd, 0)
             os.write(fd, f"`hpcpipe {what}` (pid {os.getpid()})".encode())
             # Re-read: the command that held the lock may have changed the state meanwhile.
-            self.state = files.read_json(self.layout.state)
+            if self.layout.state.exists():
+                self.state = files.read_json(self.layout.state)
             yield
         finally:
             os.close(fd)
