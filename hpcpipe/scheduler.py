@@ -111,7 +111,7 @@ class JobInfo:
 
 
 _SQUEUE_FIELDS = ["JobID", "State", "Reason", "TimeUsed", "TimeLimit", "NodeList", "Restartcnt",
-                  "SubmitTime", "StartTime"]
+                  "SubmitTime", "StartTime", "Dependency"]
 
 
 def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
@@ -134,7 +134,11 @@ def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
         parts = [p.strip() for p in line.split("|")]
         if len(parts) < len(_SQUEUE_FIELDS):
             continue
-        jid, state, reason, used, limit, nodes, restarts, submit, start = parts[:9]
+        jid, state, reason, used, limit, nodes, restarts, submit, start, dep = parts[:10]
+        if "(failed)" in dep:
+            # e.g. "afterok:370(failed)": the reason may still read ReqNodeNotAvail or Dependency
+            # for a moment, but this job can never start.
+            reason = "DependencyNeverSatisfied"
         jobs[jid] = JobInfo(
             job_id=jid, state=state.split()[0] if state else "UNKNOWN",
             reason="" if reason in ("None", "(null)") else reason, elapsed=used, time_limit=limit,
@@ -147,6 +151,9 @@ def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
 
 _SACCT_FIELDS = ["JobID", "State", "ExitCode", "Elapsed", "Timelimit", "NodeList", "Submit",
                  "Start", "End", "Reason", "AllocCPUS", "TotalCPU", "MaxRSS", "ReqMem"]
+
+
+_REQ_MEM = re.compile(r"[\d.]+[KMGTP]?[nc]?")
 
 
 class AccountingDisabled(SchedulerError):
@@ -190,15 +197,25 @@ def parse_sacct(out: str) -> dict[str, JobInfo]:
         by = row["State"].split(" by ")[1].strip() if " by " in row["State"] else ""
         if state == "REQUEUED":
             requeues[base] = requeues.get(base, 0) + 1
+        reason = "" if row["Reason"] == "None" else row["Reason"]
+        started = row["Start"] not in ("None", "Unknown", "")
+        if state == "CANCELLED" and reason == "Dependency" and not started:
+            # --kill-on-invalid-dep cancelled it before it ever started; sacct keeps only the
+            # pending reason where squeue says DependencyNeverSatisfied.
+            reason = "DependencyNeverSatisfied"
+        elif started and state not in ("PENDING", "REQUEUED"):
+            reason = ""  # sacct's Reason is the last pending reason, stale once the job ran
         info = JobInfo(
-            job_id=base, state=state, reason="" if row["Reason"] == "None" else row["Reason"],
+            job_id=base, state=state, reason=reason,
             elapsed=row["Elapsed"], time_limit=row["Timelimit"],
             nodes="" if row["NodeList"] in ("None assigned", "") else row["NodeList"],
             exit_code=row["ExitCode"], submit=row["Submit"],
             start="" if row["Start"] in ("Unknown", "None") else row["Start"],
             end="" if row["End"] in ("Unknown", "None") else row["End"], source="sacct",
             extra={"alloc_cpus": row["AllocCPUS"], "total_cpu": row["TotalCPU"],
-                   "req_mem": row["ReqMem"], "cancelled_by": by},
+                   # a record slurmdbd has not completed yet shows e.g. "16?"
+                   "req_mem": row["ReqMem"] if _REQ_MEM.fullmatch(row["ReqMem"]) else "",
+                   "cancelled_by": by},
         )
         jobs[base] = info
     for base, info in jobs.items():
@@ -245,14 +262,31 @@ def query(job_ids: list[str]) -> dict[str, JobInfo]:
     """State of jobs from squeue, then sacct (or scontrol where accounting is off) for the rest.
 
     At most two scheduler calls when accounting works, however many jobs.
+    squeue knows neither the exit code nor who cancelled a job, so jobs it shows as ended other
+    than COMPLETED are asked about in the same sacct call as the jobs it has forgotten (a run
+    that went well needs no sacct call at all); where accounting has not caught up yet,
+    squeue's state stands and only sacct's figures are added.
     """
     jobs = squeue(job_ids)
     rest = [j for j in job_ids if j not in jobs]
-    if rest:
+    ended = [j for j, info in jobs.items() if info.terminal and info.state != "COMPLETED"]
+    if rest or ended:
         try:
-            jobs.update(sacct(rest))
+            accounted = sacct(rest + ended)
         except AccountingDisabled:
             jobs.update(scontrol_jobs(rest))
+            return jobs
+        for jid, info in accounted.items():
+            live = jobs.get(jid)
+            if live is None or info.terminal:
+                if live is not None:
+                    info.restarts = max(info.restarts, live.restarts)
+                    if live.reason:  # squeue's is the controller's own; sacct's may be stale
+                        info.reason = live.reason
+                jobs[jid] = info
+            else:
+                live.extra.update({k: v for k, v in info.extra.items() if v})
+                live.exit_code = live.exit_code or info.exit_code
     return jobs
 
 

@@ -14,11 +14,7 @@ def step_rows(run: Run) -> list[dict[str, Any]]:
         jobs = run.jobs(step)
         cur = jobs[-1]
         state = cur.get("state", "?")
-        detail = cur.get("reason", "")
-        if state in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED") and not detail:
-            detail = f"exit {cur.get('exit_code', '?')}"
-        if state == "CANCELLED" and cur.get("cancelled_by"):
-            detail = f"by {cur['cancelled_by']}"
+        detail = _detail(cur)
         rows.append({
             "step": step, "job_id": cur["job_id"], "state": state, "reason": detail,
             "elapsed": cur.get("elapsed", ""), "time_limit": cur.get("time_limit", ""),
@@ -27,6 +23,36 @@ def step_rows(run: Run) -> list[dict[str, Any]]:
             "earlier": [j["job_id"] for j in jobs[:-1]], "log": cur.get("log", ""),
         })
     return rows
+
+
+def _detail(rec: dict[str, Any]) -> str:
+    """Why a job waits, or how it ended: the REASON/EXIT column."""
+    state, reason = rec.get("state", ""), rec.get("reason", "")
+    if state == "COMPLETED":
+        return ""
+    if reason == "DependencyNeverSatisfied" or state in ("PENDING", "REQUEUED"):
+        return reason
+    if state == "CANCELLED":
+        by = rec.get("cancelled_by", "")
+        return f"by {_user_name(by)}" if by else reason or "-"
+    if state == "TIMEOUT":
+        return f"time limit {rec.get('time_limit', '')}".strip()
+    if state in ("FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
+        code = rec.get("exit_code", "")
+        return f"exit {code}" if code else reason
+    return reason
+
+
+def _user_name(uid: str) -> str:
+    """sacct's "CANCELLED by 0" names a uid; show the user name where this machine knows it."""
+    if not uid.isdigit():
+        return uid
+    import pwd
+
+    try:
+        return pwd.getpwuid(int(uid)).pw_name
+    except KeyError:
+        return uid
 
 
 def format_table(run: Run, note: str | None = None) -> str:

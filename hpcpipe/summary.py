@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,41 +46,79 @@ _EXC_LINE = re.compile(r"^\s*(\d+: )?([A-Za-z_][\w.]*(Error|Exception|Interrupt|
 _HPCPIPE_ERR = re.compile(r"(InputError|ConfigError|RunError): (.*)")
 
 
+#: Bytes that every line worth a closer look contains one of; checked on whole chunks at C speed.
+_TRIGGER = re.compile(rb"rror|ERROR|\*\*\*|emory|Traceback|File \"|NCCL|OOM|oom|equeu|Killed|"
+                      rb"Exception|Interrupt|xit")
+_CHUNK = 1 << 22
+_MAX_LINE = 1 << 16
+
+
+def _candidate_lines(path: Path) -> Iterator[bytes]:
+    """The lines of a log that contain a trigger, in order, in bounded memory.
+
+    A line is what is left after the last carriage return (tqdm's redraws before it are never
+    looked at, which is most of a progress-heavy log). The file is read in chunks, never whole,
+    and a line that never ends is cut to its last 64 KiB.
+    """
+    with open(path, "rb") as f:
+        carry = b""
+        while True:
+            data = f.read(_CHUNK)
+            buf = carry + data
+            if not data:
+                end = len(buf)
+            else:
+                end = buf.rfind(b"\n") + 1
+            body, carry = buf[:end], buf[end:]
+            if len(carry) > _MAX_LINE:
+                cut = carry.rfind(b"\r")
+                carry = carry[cut:] if cut >= len(carry) - _MAX_LINE else carry[-_MAX_LINE:]
+            if b"\r" in body:
+                # keep what each line shows last: the text after its last carriage return
+                body = b"\n".join(line[line.rfind(b"\r") + 1:]
+                                  for line in body.replace(b"\r\n", b"\n").split(b"\n"))
+            pos = 0
+            for m in _TRIGGER.finditer(body):
+                if m.start() < pos:
+                    continue
+                start = body.rfind(b"\n", 0, m.start()) + 1
+                stop = body.find(b"\n", m.end())
+                stop = len(body) if stop < 0 else stop
+                yield body[start:stop]
+                pos = stop
+            if not data:
+                return
+
+
 def scan_log(path: Path) -> dict[str, Any]:
-    """One streamed pass over a log: the last line matching each pattern and the last traceback."""
+    """One streamed pass over a log: the first line matching each pattern and the last traceback.
+
+    Memory stays constant however large the log (chunks of 4 MiB).
+    """
     found: dict[str, Any] = {}
     in_tb = False
     last_frame = ""
-    if not path.exists():
+    if not path.is_file():
         return found
-    with open(path, "rb") as f:
-        for raw in f:
-            if b"\r" in raw:
-                raw = raw.rsplit(b"\r", 1)[-1] or raw
-            # Cheap byte checks first: most lines of a tqdm-heavy log match nothing.
-            if not (b"rror" in raw or b"ERROR" in raw or b"***" in raw or b"emory" in raw
-                    or b"Traceback" in raw or b"File \"" in raw or b"NCCL" in raw
-                    or b"OOM" in raw or b"oom" in raw or b"equeu" in raw or b"Killed" in raw
-                    or b"Exception" in raw or b"Interrupt" in raw or b"xit" in raw):
+    for raw in _candidate_lines(path):
+        line = raw.decode("utf-8", errors="replace").rstrip()
+        if _TRACEBACK.search(line):
+            in_tb, last_frame = True, ""
+            continue
+        if in_tb:
+            m = _FRAME.match(line)
+            if m:
+                last_frame = f"{m.group(2)}:{m.group(3)} in {m.group(4)}"
                 continue
-            line = raw.decode("utf-8", errors="replace").rstrip()
-            if _TRACEBACK.search(line):
-                in_tb, last_frame = True, ""
-                continue
-            if in_tb:
-                m = _FRAME.match(line)
-                if m:
-                    last_frame = f"{m.group(2)}:{m.group(3)} in {m.group(4)}"
-                    continue
-                m = _EXC_LINE.match(line)
-                if m:
-                    found["traceback"] = (last_frame, m.group(2).strip())
-                    in_tb = False
-            for name, pat in _PATTERNS:
-                if pat.search(line):
-                    # The first line of a kind is the cause; later ones are its consequences.
-                    found.setdefault(name, line.strip())
-                    break
+            m = _EXC_LINE.match(line)
+            if m:
+                found["traceback"] = (last_frame, m.group(2).strip())
+                in_tb = False
+        for name, pat in _PATTERNS:
+            if pat.search(line):
+                # The first line of a kind is the cause; later ones are its consequences.
+                found.setdefault(name, line.strip())
+                break
     return found
 
 
@@ -99,78 +138,133 @@ def _progress(run: Run, step: str) -> str:
     return f"; it reached epoch {evals[-1].get('epoch', 0) + 1}/{epochs or '?'}"
 
 
+_ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
+
+
 def diagnose(run: Run) -> list[Diagnosis]:
-    """A diagnosis for each step whose current job did not complete."""
+    """A diagnosis for each step whose current job did not complete.
+
+    A job still queued or running gets one only when something already happened to it: it was
+    requeued (by its own USR2 handler before the time limit, or by an admin), or it waits on a
+    dependency that can never be satisfied.
+    """
     out = []
     for step in run.steps():
-        rec = run.current(step)
-        state = rec.get("state", "")
-        if state in ("COMPLETED", "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
-            if state == "PENDING" and rec.get("reason") == "DependencyNeverSatisfied":
-                pass
-            else:
-                continue
-        found = scan_log(Path(rec.get("log", "")))
-        if rec.get("reason") == "DependencyNeverSatisfied":
-            ups = [(s, run.current(s)) for s in run.steps()[: run.steps().index(step)]]
-            failed = [(s, r) for s, r in ups if r and r.get("state") != "COMPLETED"]
-            who = ", ".join(f"{s} (job {r['job_id']}, {r['state']})" for s, r in failed) or \
-                "an upstream job"
-            out.append(Diagnosis(step, "DependencyNeverSatisfied: never ran",
-                                 f"upstream {who} did not complete",
-                                 "fix the upstream step, then `hpcpipe rerun "
-                                 f"{failed[0][0] if failed else step}` (its downstream steps follow)"))
-            continue
-        if "cuda_oom" in found:
-            out.append(Diagnosis(step, "CUDA out of memory", found["cuda_oom"],
-                                 f"lower train.batch_size (raise train.grad_accum to keep the global "
-                                 f"batch) or turn on train.grad_checkpointing, then `hpcpipe rerun "
-                                 f"{step}`"))
-        elif state == "OUT_OF_MEMORY" or "host_oom" in found:
-            peak = f", peak {_bytes(rec['max_rss_bytes'])}" if rec.get("max_rss_bytes") else ""
-            out.append(Diagnosis(step, "out of host memory (killed by Slurm/the kernel)",
-                                 found.get("host_oom", f"sacct state {state}"),
-                                 f"raise {step}.mem (requested {rec.get('req_mem') or 'default'}"
-                                 f"{peak}) and `hpcpipe rerun {step} --set {step}.mem=<more>`"))
-        elif "nccl" in found:
-            out.append(Diagnosis(step, "NCCL error or collective timeout", found["nccl"],
-                                 "check the nodes' network/GPUs (`sinfo -R`), exclude a bad node "
-                                 "with slurm.extra_sbatch: [--exclude=NODE], then `hpcpipe rerun "
-                                 f"{step}`: it resumes from the last checkpoint"))
-        elif state == "TIMEOUT" or "timeout" in found:
-            out.append(Diagnosis(step, "hit its time limit (TIMEOUT)",
-                                 found.get("timeout", f"state TIMEOUT after {rec.get('elapsed')}"),
-                                 f"raise --time for {step} (now {rec.get('time_limit') or '?'}) or "
-                                 f"let it requeue; `hpcpipe rerun {step}` continues from where it "
-                                 f"stopped{_progress(run, step)}"))
-        elif state == "PREEMPTED" or "preempted" in found:
-            out.append(Diagnosis(step, "preempted", found.get("preempted", "state PREEMPTED"),
-                                 f"`hpcpipe rerun {step}` resumes it (it requeues itself when "
-                                 "--requeue is allowed on the partition)"))
-        elif state == "NODE_FAIL" or "node_fail" in found:
-            out.append(Diagnosis(step, "a node failed (NODE_FAIL)",
-                                 found.get("node_fail", f"state NODE_FAIL on {rec.get('nodes')}"),
-                                 f"`hpcpipe rerun {step}` (add slurm.extra_sbatch: "
-                                 f"[--exclude={rec.get('nodes') or 'NODE'}] if it repeats)"))
-        elif state == "CANCELLED":
-            by = rec.get("cancelled_by", "")
-            if by.isdigit():
-                by = _user_name(int(by))
-            ev = found.get("cancelled", f"sacct: CANCELLED{' by ' + by if by else ''}")
-            out.append(Diagnosis(step, f"cancelled{' by ' + by if by else ''}", ev,
-                                 f"`hpcpipe rerun {step}` resumes it in place"
-                                 + _progress(run, step)))
-        elif "traceback" in found:
-            frame, msg = found["traceback"]
-            out.append(Diagnosis(step, f"Python exception: {msg}",
-                                 f"{msg} (last frame: {frame})" if frame else msg,
-                                 f"fix the cause shown, then `hpcpipe rerun {step}` "
-                                 f"(log: {rec.get('log')})"))
-        else:
-            out.append(Diagnosis(step, f"ended {state} (exit {rec.get('exit_code', '?')})",
-                                 "no known failure pattern in the log",
-                                 f"read the log: `hpcpipe logs {step} {run.run_id}`"))
+        d = diagnose_step(run, step)
+        if d is not None:
+            out.append(d)
     return out
+
+
+def diagnose_step(run: Run, step: str) -> Diagnosis | None:
+    """The diagnosis of one step's current job, or None when there is nothing to say."""
+    rec = run.current(step)
+    if rec is None:
+        return None
+    state = rec.get("state", "")
+    if rec.get("reason") == "DependencyNeverSatisfied":
+        return _dependency_never_satisfied(run, step, rec)
+    if state == "COMPLETED":
+        return None
+    if state in _ACTIVE:
+        return _requeued(run, step, rec) if rec.get("restarts") else None
+    found = scan_log(Path(rec.get("log", "")))
+    if "cuda_oom" in found:
+        return Diagnosis(step, "CUDA out of memory", found["cuda_oom"],
+                         "lower train.batch_size (raise train.grad_accum to keep the global batch) "
+                         f"or turn on train.grad_checkpointing, then `hpcpipe rerun {step}`")
+    if state == "OUT_OF_MEMORY" or "host_oom" in found:
+        peak = f", peak {_bytes(rec['max_rss_bytes'])}" if rec.get("max_rss_bytes") else ""
+        return Diagnosis(step, "out of host memory (killed by Slurm/the kernel)",
+                         found.get("host_oom", f"sacct state {state}"),
+                         f"raise {step}.mem (requested {rec.get('req_mem') or 'default'}{peak}) "
+                         f"and `hpcpipe rerun {step} --set {step}.mem=<more>`")
+    if "nccl" in found:
+        return Diagnosis(step, "NCCL error or collective timeout", found["nccl"],
+                         "check the nodes' network/GPUs (`sinfo -R`), exclude a bad node with "
+                         "slurm.extra_sbatch: [--exclude=NODE], then `hpcpipe rerun "
+                         f"{step}`: it resumes from the last checkpoint")
+    if state == "TIMEOUT" or "timeout" in found:
+        requeue = ""
+        if step == "train":
+            requeue = (" (train.signal_seconds > 0 makes it checkpoint and requeue itself before "
+                       "the limit; here that did not happen)")
+        return Diagnosis(step, "hit its time limit (TIMEOUT)",
+                         found.get("timeout", f"state TIMEOUT after {rec.get('elapsed')}"),
+                         f"raise {step}.time (now {rec.get('time_limit') or '?'}) and `hpcpipe "
+                         f"rerun {step} --set {step}.time=<more>`: it continues from where it "
+                         f"stopped{_progress(run, step)}{requeue}")
+    if state == "PREEMPTED" or "preempted" in found:
+        return Diagnosis(step, "preempted", found.get("preempted", "state PREEMPTED"),
+                         f"`hpcpipe rerun {step}` resumes it (it requeues itself when --requeue "
+                         "is allowed on the partition)")
+    if state == "NODE_FAIL" or "node_fail" in found:
+        return Diagnosis(step, "a node failed (NODE_FAIL)",
+                         found.get("node_fail", f"state NODE_FAIL on {rec.get('nodes')}"),
+                         f"`hpcpipe rerun {step}` (add slurm.extra_sbatch: "
+                         f"[--exclude={rec.get('nodes') or 'NODE'}] if it repeats)")
+    if state == "CANCELLED":
+        by = rec.get("cancelled_by", "")
+        if by.isdigit():
+            by = _user_name(int(by))
+        by = f" by {by}" if by else ""
+        ran = "" if rec.get("start") else " before it started"
+        action = f"`hpcpipe rerun {step}` submits it again" if ran else \
+            f"`hpcpipe rerun {step}` resumes it in place{_progress(run, step)}"
+        return Diagnosis(step, f"CANCELLED{by}{ran}", found.get("cancelled", f"sacct: CANCELLED{by}"),
+                         action)
+    if "traceback" in found:
+        frame, msg = found["traceback"]
+        kind = msg.split(":", 1)[0].rsplit(".", 1)[-1]
+        return Diagnosis(step, f"Python exception {kind}" + (f" in {frame}" if frame else ""),
+                         f"{msg} (last frame: {frame})" if frame else msg,
+                         f"fix the cause shown, then `hpcpipe rerun {step}` "
+                         f"(full traceback: `hpcpipe logs {step} {run.run_id}`)")
+    return Diagnosis(step, f"ended {state} (exit {rec.get('exit_code') or '?'})",
+                     "no known failure pattern in the log",
+                     f"read the log: `hpcpipe logs {step} {run.run_id}`")
+
+
+def _dependency_never_satisfied(run: Run, step: str, rec: dict[str, Any]) -> Diagnosis:
+    """Name the upstream step that failed (not one that merely never ran) and its evidence."""
+    ups = run.steps()[: run.steps().index(step)]
+    failed = [s for s in ups if run.current(s) and run.current(s).get("state") != "COMPLETED"]
+    root = next((s for s in failed
+                 if run.current(s).get("reason") != "DependencyNeverSatisfied"), None)
+    never = "cancelled by Slurm before it started" if rec.get("state") == "CANCELLED" \
+        else "pending forever"
+    if root is None:
+        return Diagnosis(step, f"DependencyNeverSatisfied: never ran ({never})",
+                         f"Slurm reason DependencyNeverSatisfied on job {rec['job_id']}; no "
+                         "failed upstream step is recorded in this run",
+                         f"`hpcpipe rerun {step}`")
+    up = run.current(root)
+    cause = diagnose_step(run, root)
+    evidence = f"upstream {root} (job {up['job_id']}) ended {up.get('state')}"
+    if cause is not None:
+        evidence += f": {cause.evidence}"
+    fix = "" if up.get("state") == "CANCELLED" else f"fix {root} first (see its diagnosis), then "
+    return Diagnosis(step, f"DependencyNeverSatisfied: never ran, upstream step {root} ended "
+                     f"{up.get('state')} ({never})", evidence,
+                     f"{fix}`hpcpipe rerun {root}`: the steps after it are resubmitted behind it")
+
+
+def _requeued(run: Run, step: str, rec: dict[str, Any]) -> Diagnosis:
+    """A job that was requeued and is queued or running again."""
+    n = rec.get("restarts", 0)
+    found = scan_log(Path(rec.get("log", "")))
+    line = found.get("requeue", "")
+    if re.search(r"SIGUSR2", line):
+        return Diagnosis(step, f"requeued {n}x by itself before its time limit (USR2 warning), "
+                         f"now {rec.get('state')}", line,
+                         "nothing to do: it resumes from its checkpoint. To finish in one "
+                         f"allocation raise {step}.time (now {rec.get('time_limit') or '?'})"
+                         f"{_progress(run, step)}")
+    cause = found.get("preempted") or found.get("node_fail") or line
+    return Diagnosis(step, f"requeued {n}x (by Slurm or an admin), now {rec.get('state')}",
+                     cause or f"restart count {n} on job {rec['job_id']}",
+                     "nothing to do: the same job id runs again and resumes its work "
+                     f"(`hpcpipe logs {step} -f` follows it)")
 
 
 def _user_name(uid: int) -> str:
@@ -278,7 +372,7 @@ def build_report(run: Run) -> str:
             run.current(s).get("state") == "COMPLETED" for s in run.steps())
             else "Nothing has failed so far; steps are still queued or running.")
     for d in diags:
-        lines += [f"- **{d.step}: {d.problem}**", f"  - evidence: `{d.evidence[:300]}`",
+        lines += [f"- **{d.step}: {d.problem}**", f"  - evidence: `{d.evidence[:600]}`",
                   f"  - next: {d.action}"]
     return "\n".join(lines) + "\n"
 
@@ -290,21 +384,26 @@ def _fmt(v: Any) -> str:
 
 
 def refresh_accounting(run: Run) -> None:
-    """Fill sacct figures (CPU time, MaxRSS) for ended jobs that lack them; one call at most."""
+    """Fill sacct figures (CPU time, MaxRSS, requested memory, exit code) for ended jobs; one
+    sacct call at most. Accounting trails the controller by a moment (right after a job ends
+    slurmdbd may still show a partial record), so a job is asked about until sacct shows it ended.
+    """
     if run.backend_name != "slurm":
         return
-    ids = [run.current(s)["job_id"] for s in run.steps()
-           if run.current(s).get("final") and "total_cpu" not in run.current(s)]
+    recs = [run.current(s) for s in run.steps()]
+    ids = [r["job_id"] for r in recs if r.get("final") and not r.get("accounted")]
     if not ids:
         return
     try:
         infos = scheduler.sacct(ids)
     except scheduler.SchedulerError:
         return
-    for s in run.steps():
-        rec = run.current(s)
+    for rec in recs:
         info = infos.get(rec["job_id"])
-        if info:
-            rec.update({k: v for k, v in info.extra.items() if v})
-            if info.elapsed:
-                rec["elapsed"] = info.elapsed
+        if info is None or not info.terminal:
+            continue
+        rec.update({k: v for k, v in info.extra.items() if v})
+        for key in ("elapsed", "exit_code", "time_limit"):
+            if getattr(info, key):
+                rec[key] = getattr(info, key)
+        rec["accounted"] = bool(info.end)
