@@ -21,7 +21,8 @@ that key, and lags and the target are a few shifted comparisons of it; no Python
 
 Each bucket is read, computed and written to a temporary name that is renamed into place, so a
 killed job leaves only complete buckets; a rerun skips them (and logs so) and writes
-``features/manifest.json`` last.
+``features/manifest.json`` last. A killed worker costs only the bucket it had in flight: Dask's
+nanny restarts it, the bucket is computed again, and its temporary is removed at the end.
 
 Several nodes: the step runs once per Slurm task under ``srun`` (see hpcpipe/dask_cluster.py):
 rank 0 runs the Dask scheduler, rank 1 the code below, the other ranks one worker each (ranks
@@ -89,6 +90,11 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 PART_NAME = "part-0.parquet"
+#: Test hook, off by default: seconds every bucket waits between writing its temporary file and
+#: renaming it into place, so that fault-injection tests (tests/test_features_faults.py) can
+#: cancel the job, kill a worker or hit the time limit while buckets are in flight. Read on the
+#: workers, which inherit the job's environment. Never set it outside tests.
+FAULT_DELAY_ENV = "HPCPIPE_FAULT_BUCKET_DELAY_S"
 MANIFEST = "manifest.json"
 _DAY_MS = 86_400_000
 # 1970-01-01 was a Thursday: week index w = floor((days + 3) / 7) counts Mondays from 1969-12-29,
@@ -275,6 +281,14 @@ def _read_bucket(files: list[str]) -> pa.Table:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
+def _fault_delay_s() -> float:
+    """Seconds of ``FAULT_DELAY_ENV`` (a test hook; 0 when unset or not a number)."""
+    try:
+        return max(0.0, float(os.environ.get(FAULT_DELAY_ENV, "") or 0))
+    except ValueError:
+        return 0.0
+
+
 def process_bucket(files: list[str], out_path: str, last_week: str) -> dict[str, Any]:
     """Compute one bucket's features, write them atomically to ``out_path``; runs on a worker."""
     start = time.perf_counter()
@@ -285,8 +299,12 @@ def process_bucket(files: list[str], out_path: str, last_week: str) -> dict[str,
     else:
         out = OUTPUT_SCHEMA.empty_table()
     del table
+    delay = _fault_delay_s()
     with atomic_path(Path(out_path)) as tmp:
         pq.write_table(out, tmp, compression="zstd")
+        if delay:
+            # The widest window for a fault: the bucket is written but not yet renamed.
+            time.sleep(delay)
     return {"rows_in": rows_in, "rows_out": out.num_rows,
             "seconds": time.perf_counter() - start}
 
@@ -325,8 +343,9 @@ def bucket_output(out_dir: Path, bucket: int) -> Path:
     return Path(out_dir) / f"bucket={bucket:05d}" / PART_NAME
 
 
-def _clean_leftovers(out_dir: Path, buckets: dict[int, list[str]]) -> None:
-    """Remove temporaries of a killed run and buckets that the current input does not have."""
+def _clean_leftovers(out_dir: Path, buckets: dict[int, list[str]],
+                     left_by: str = "an interrupted run") -> None:
+    """Remove temporaries of a killed run (or worker) and buckets the current input does not have."""
     for folder in out_dir.glob("bucket=*"):
         number = folder.name.split("=", 1)[1]
         if number.isdigit() and int(number) not in buckets:
@@ -335,7 +354,7 @@ def _clean_leftovers(out_dir: Path, buckets: dict[int, list[str]]) -> None:
             continue
         for f in folder.iterdir() if folder.is_dir() else ():
             if is_temp(f):
-                log.info("removing %s left by an interrupted run", f)
+                log.info("removing %s left by %s", f, left_by)
                 if f.is_dir():
                     shutil.rmtree(f, ignore_errors=True)
                 else:
@@ -436,14 +455,20 @@ def build_features(
                desc="features", disable=not progress or not todo, mininterval=1.0)
     try:
         for future in as_completed(futures):
-            b = futures[future]
+            b = futures.pop(future)
             result = future.result()
+            # Let the cluster forget the finished bucket now: while a worker holds the result,
+            # its death makes Dask compute (and write) the bucket again.
+            future.release()
             rows_out[b] = result["rows_out"]
             rows_done += result["rows_in"]
             bar.update(result["rows_in"])
             bar.set_postfix_str(f"{len(rows_out) - skipped}/{len(todo)} buckets", refresh=False)
     finally:
         bar.close()
+    # A worker killed between writing a bucket and renaming it (Dask retries the bucket on
+    # another worker) leaves its temporary behind: a finished step leaves none.
+    _clean_leftovers(out_dir, buckets, left_by="a killed worker")
 
     seconds = time.perf_counter() - start
     peaks = client.run(_peak_rss_bytes)
