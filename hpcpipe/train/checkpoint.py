@@ -2,7 +2,8 @@
 
 ``last.pt`` holds everything needed to continue exactly where training stopped (mid-epoch
 included): model, optimizer, scheduler, GradScaler, epoch, optimizer step within the epoch, the
-sampler position, every rank's RNG states, the normalisation statistics and the resolved config.
+sampler position, every rank's RNG states, the sums of the metrics log interval in progress,
+the normalisation statistics and the resolved config.
 ``best.pt`` holds the model with the best validation SMAPE so far, plus what prediction needs.
 A crash while writing leaves the previous file intact; stale temporaries are ignored.
 """

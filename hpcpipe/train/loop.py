@@ -144,6 +144,9 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
     # ---- resume -------------------------------------------------------------------------
     epoch, step_in_epoch, global_step = 0, 0, 0
     best: dict[str, Any] = {"val_smape": math.inf, "epoch": None}
+    # Sums of the log interval a mid-epoch checkpoint fell into (loss, samples, tokens, data
+    # wait, seconds), so that the first loss logged after a resume averages the whole interval.
+    carried: list[float] | None = None
     if main:
         checkpoint.remove_stale_temporaries(layout.train)
     barrier()
@@ -161,6 +164,9 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
                         global_batch, epoch)
         if len(state["rng"]) == env.world_size:
             checkpoint.set_rng_state(state["rng"][env.rank])
+        if step_in_epoch and state.get("log_interval"):
+            # All-reduced at the next log line: rank 0 carries the sums of all ranks.
+            carried = state["log_interval"] if main else [0.0, 0, 0, 0.0, 0.0]
         if main:
             log.info("resuming from %s at epoch %d, step %d of %d",
                      checkpoint.last_path(layout.train), epoch, step_in_epoch, steps_per_epoch)
@@ -169,6 +175,8 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
     def save_last() -> None:
         """Every rank calls this (the RNG states are gathered); rank 0 writes."""
         rng = dist.all_gather_object(env, checkpoint.rng_state())
+        log_interval = dist.all_reduce_sum(env, [loss_sum, seen, tokens_seen, wait])
+        log_interval.append(time.perf_counter() - interval_start)
         if main:
             checkpoint.save(checkpoint.last_path(layout.train), {
                 "model": checkpoint.model_state(model, t.freeze_encoder),
@@ -178,7 +186,8 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
                 "sampler": {"epoch": epoch, "seed": t.seed, "global_batch": global_batch,
                             "samples_seen": step_in_epoch * global_batch,
                             "world_size": env.world_size},
-                "rng": rng, "best": best, "norm": norm.to_dict(), "config": cfg.to_dict(),
+                "rng": rng, "log_interval": log_interval, "best": best, "norm": norm.to_dict(),
+                "config": cfg.to_dict(),
             })
         barrier()
 
@@ -199,8 +208,9 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
         batches = iter(loader)
         bar = tqdm(total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch}",
                    disable=not main, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        loss_sum, seen, tokens_seen, wait = 0.0, 0, 0, 0.0
-        interval_start = time.perf_counter()
+        loss_sum, seen, tokens_seen, wait, seconds = carried or [0.0, 0, 0, 0.0, 0.0]
+        interval_start = time.perf_counter() - seconds
+        carried = None
         while step_in_epoch < steps_per_epoch:
             for micro in range(t.grad_accum):
                 t0 = time.perf_counter()

@@ -1,0 +1,232 @@
+"""Training on the real two-node Slurm test cluster, driven through the `hpcpipe` CLI.
+
+* 4 ranks on 2 nodes (gloo on CPU: the test cluster's GPUs are fake GRES) follow the loss curve of
+  1 rank with the same global batch.
+* `hpcpipe cancel train` mid-epoch, then `hpcpipe rerun train`: the rerun resumes from the last
+  checkpoint and ends with the weights and validation metrics of an uninterrupted run.
+* `scancel --signal=USR2` (what Slurm sends `train.signal_seconds` before the time limit) makes the
+  running job checkpoint and requeue itself, and the requeued job finishes the run on its own.
+
+Every run trains on the same synthetic data with the same seed, global batch and schedule, so the
+1-rank run is the uninterrupted reference of all three tests. The encoder is a tiny random BERT
+with MiniLM's tokenizer, frozen: what is under test is DDP, checkpoints and signals, not the text
+model, and the whole file stays within a few minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpcpipe.metrics import read_metrics
+from hpcpipe.train import checkpoint
+
+pytestmark = pytest.mark.slurm
+
+GLOBAL_BATCH = 32
+EPOCHS, STEPS_PER_EPOCH = 2, 300
+TRAIN = [
+    "--cpus", "2", "--time", "00:10:00",
+    "--set", "data.synth_reviews=20000", "--set", "ingest.target_bucket_rows=6000",
+    "--set", "ingest.mem=2G", "--set", "features.mem=4G", "--set", "train.mem=3G",
+    "--set", "train.cpus_per_gpu=1", "--set", "train.precision=fp32",
+    "--set", "train.num_workers=0", "--set", "train.freeze_encoder=true",
+    "--set", "train.max_length=16", "--set", "train.val_weeks=4",
+    "--set", f"train.epochs={EPOCHS}", "--set", f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
+    "--set", "train.log_every=10", "--set", "train.checkpoint_every=20",
+]
+
+
+def hp(cwd: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def steps(cwd: Path) -> dict[str, dict]:
+    out = json.loads(hp(cwd, "status", "--json").stdout)
+    return {row["step"]: row for row in out["steps"]}
+
+
+def wait_for(cwd: Path, cond, timeout: float, what: str) -> dict[str, dict]:
+    deadline = time.time() + timeout
+    seen: list = []
+    while time.time() < deadline:
+        rows = steps(cwd)
+        seen.append({s: (r["job_id"], r["state"], r["reason"]) for s, r in rows.items()})
+        if cond(rows):
+            return rows
+        failed = [s for s, r in rows.items() if r["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY")]
+        if failed:
+            log = Path(rows[failed[0]]["log"])
+            raise AssertionError(f"{failed} failed while waiting for {what}:\n"
+                                 + (log.read_text()[-4000:] if log.exists() else "(no log)"))
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}; last states {seen[-3:]}")
+
+
+def submit(cwd: Path, model: Path, gpus: int, gpus_per_node: int) -> Path:
+    """Submit the pipeline with a global batch of GLOBAL_BATCH over ``gpus`` ranks."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    hp(cwd, "submit", "--gpus", str(gpus), "--gpus-per-node", str(gpus_per_node), *TRAIN,
+       "--set", f"train.model={model}", "--set", f"train.batch_size={GLOBAL_BATCH // gpus}")
+    return next((cwd / "runs").iterdir())
+
+
+def completed(cwd: Path, timeout: float = 600) -> dict[str, dict]:
+    return wait_for(cwd, lambda r: r["train"]["state"] == "COMPLETED", timeout, "train to complete")
+
+
+def running_with_checkpoint(cwd: Path, run_dir: Path, timeout: float = 300) -> dict:
+    """Wait until train runs and has written last.pt; return its status row."""
+    ckpt = checkpoint.last_path(run_dir / "train")
+    deadline = time.time() + timeout
+    while True:
+        row = steps(cwd)["train"]
+        assert row["state"] in ("PENDING", "CONFIGURING", "RUNNING"), row
+        if row["state"] == "RUNNING" and ckpt.exists():
+            return row
+        assert time.time() < deadline, f"train wrote no checkpoint in {timeout} s: {row}"
+        time.sleep(0.1)
+
+
+def curve(run_dir: Path) -> dict[int, float]:
+    """Training loss per logged optimizer step; a step logged again after a resume counts once."""
+    return {r["global_step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["step"] == "train" and r["kind"] == "train"}
+
+
+def evals(run_dir: Path) -> dict[int, tuple[float, float]]:
+    return {r["epoch"]: (r["val_mae"], r["val_smape"]) for r in read_metrics(run_dir / "metrics.jsonl")
+            if r["step"] == "train" and r["kind"] == "eval"}
+
+
+def weights(run_dir: Path, which: str) -> dict[str, torch.Tensor]:
+    path = checkpoint.checkpoint_dir(run_dir / "train") / f"{which}.pt"
+    return checkpoint.load(path)["model"]
+
+
+def assert_same_training(got: Path, ref: Path, rtol: float = 1e-4) -> None:
+    """Same loss curve, validation metrics, and final and best weights as ``ref``."""
+    want = curve(ref)
+    assert len(want) == EPOCHS * STEPS_PER_EPOCH // 10
+    have = curve(got)
+    assert have.keys() == want.keys()
+    np.testing.assert_allclose([have[s] for s in want], list(want.values()), rtol=rtol, atol=1e-6)
+    assert evals(got).keys() == evals(ref).keys() == set(range(EPOCHS))
+    np.testing.assert_allclose(list(evals(got).values()), list(evals(ref).values()), rtol=rtol)
+    for which in ("last", "best"):
+        a, b = weights(got, which), weights(ref, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=1e-5, msg=f"{which}.pt {k}")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like any local model folder."""
+    from transformers import BertConfig, BertModel
+
+    from hpcpipe.train.model import default_model_dir, load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tok = load_tokenizer(default_model_dir())
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, intermediate_size=64,
+                         max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[int, Path]:
+    """Cwd of a 1-rank and of a 4-rank (2 nodes x 2) run, both submitted at once, not awaited."""
+    one, four = tmp_path_factory.mktemp("one-rank"), tmp_path_factory.mktemp("four-ranks")
+    submit(four, tiny_model, 4, 2)  # first: it needs every GPU of the cluster
+    submit(one, tiny_model, 1, 1)
+    return {1: one, 4: four}
+
+
+def test_four_ranks_on_two_nodes_follow_the_one_rank_loss_curve(uninterrupted: dict[int, Path]) -> None:
+    one, four = uninterrupted[1], uninterrupted[4]
+    completed(one)
+    rows = completed(four)
+    assert rows["train"]["nodes"] in ("n[1-2]", "n1,n2"), rows["train"]
+    run_one, run_four = next((one / "runs").iterdir()), next((four / "runs").iterdir())
+
+    log = hp(four, "logs", "train").stdout
+    assert "on 4 rank(s)" in log and f"global batch {GLOBAL_BATCH}" in log, log[-3000:]
+    summary = [r for r in read_metrics(run_four / "metrics.jsonl") if r["kind"] == "summary"
+               and r["step"] == "train"]
+    assert len(summary) == 1 and summary[0]["world_size"] == 4, "only rank 0 writes metrics"
+    assert_same_training(run_four, run_one)
+
+
+def test_cancel_mid_epoch_then_rerun_resumes_to_the_uninterrupted_result(
+        tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path]) -> None:
+    # 2 ranks on 2 nodes (global batch 32 like the reference): a step takes long enough on two
+    # cores that the cancel lands mid-epoch, and the resume crosses nodes.
+    run_dir = submit(tmp_path, tiny_model, 2, 1)
+    first = running_with_checkpoint(tmp_path, run_dir)["job_id"]
+    assert first in hp(tmp_path, "cancel", "train").stdout
+    wait_for(tmp_path, lambda r: r["train"]["state"] == "CANCELLED", 300, "train to be cancelled")
+    stopped = checkpoint.load(checkpoint.last_path(run_dir / "train"))
+    total = EPOCHS * STEPS_PER_EPOCH
+    assert 0 < stopped["global_step"] < total, "cancelled before training finished"
+    # scancel's SIGTERM reached the ranks: they agreed on a step and checkpointed it.
+    log = hp(tmp_path, "logs", "train").stdout
+    assert (f"stopped by SIGTERM at epoch {stopped['epoch']} step {stopped['step_in_epoch']};"
+            in log), log[-3000:]
+
+    hp(tmp_path, "rerun", "train")
+    rows = completed(tmp_path)
+    assert rows["train"]["earlier"] == [first] and rows["train"]["job_id"] != first
+    log = hp(tmp_path, "logs", "train").stdout
+    resumed = re.findall(r"resuming from \S+ at epoch (\d+), step (\d+) of", log)
+    assert resumed == [(str(stopped["epoch"]), str(stopped["step_in_epoch"]))], log[-3000:]
+
+    completed(uninterrupted[1])
+    assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
+
+
+def test_usr2_checkpoints_and_requeues_the_job_which_completes_the_run(
+        tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path], slurm_cluster) -> None:
+    run_dir = submit(tmp_path, tiny_model, 2, 2)
+    job = running_with_checkpoint(tmp_path, run_dir)["job_id"]
+    # The signal Slurm sends train.signal_seconds before the time limit (#SBATCH --signal).
+    subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)
+
+    deadline = time.time() + 300
+    seen = []
+    while True:
+        info = slurm_cluster.job_info(job)
+        seen.append((info.get("JobState"), info.get("Restarts")))
+        if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
+            break
+        assert info.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), seen[-5:]
+        assert time.time() < deadline, f"job {job} was not requeued: {seen[-5:]}"
+        time.sleep(0.2)
+    # A requeued job waits ~120 s (BeginTime) before it may start again; skip that wait.
+    slurm_cluster.make_eligible(job)
+
+    rows = completed(tmp_path)
+    assert rows["train"]["job_id"] == job and rows["train"]["earlier"] == []
+    assert rows["train"]["restarts"] == 1
+    assert "requeued 1x" in hp(tmp_path, "status").stdout
+    log = hp(tmp_path, "logs", "train").stdout
+    assert f"requeueing job {job}" in log and "(restart 1)" in log, log[-3000:]
+    assert re.search(r"resuming from \S+ at epoch \d+, step \d+ of", log), log[-3000:]
+
+    completed(uninterrupted[1])
+    assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
