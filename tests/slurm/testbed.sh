@@ -256,7 +256,8 @@ start_slurmctld() {
     wait_for 30 "slurmctld to answer scontrol ping" ctld_ok
 }
 
-ctld_ok() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
+# Clients retry a dead controller for many seconds: bound every call so a wait has a real deadline.
+ctld_ok() { timeout 10 scontrol ping 2>/dev/null | grep -q 'is UP'; }
 
 start_slurmd() {
     local n
@@ -268,7 +269,7 @@ start_slurmd() {
 # Both nodes registered and usable. Busy nodes (jobs of another test session) count as up.
 nodes_ok() {
     local states
-    states=$(sinfo -h -N -o '%N %T' 2>/dev/null | sort -u) || return 1
+    states=$(timeout 10 sinfo -h -N -o '%N %T' 2>/dev/null | sort -u) || return 1
     [[ $(grep -cE '^n[12] (idle|mixed|allocated|completing)$' <<<"$states") == 2 ]]
 }
 
@@ -283,18 +284,18 @@ cluster_up() {
 }
 
 wait_nodes() {
-    local i resumed=0
-    for ((i = 0; i < START_TIMEOUT * 2; i++)); do
+    local i resumed=0 deadline=$((SECONDS + START_TIMEOUT))
+    for ((i = 0; SECONDS < deadline; i++)); do
         nodes_ok && return 0
         # A node left down or drained (by a test, or by a stop while jobs ran) with its slurmd
         # alive would otherwise stay so: bring it back once.
-        if ((i > 2 && !resumed)) && sinfo -h -N -o '%T' | grep -qE 'down|drain'; then
+        if ((i > 2 && !resumed)) && timeout 10 sinfo -h -N -o '%T' | grep -qE 'down|drain'; then
             scontrol update NodeName=n[1-2] State=RESUME >/dev/null 2>&1 || true
             resumed=1
         fi
         sleep 0.5
     done
-    sinfo -N -l >&2 || true
+    timeout 10 sinfo -N -l >&2 || true
     die "nodes n1, n2 did not become idle within ${START_TIMEOUT}s"
 }
 
