@@ -3,7 +3,7 @@
 Every bad row is quarantined with its file, line and reason, and the counts add up (nothing is
 dropped silently); an input that cannot be used as a whole is refused naming the file; a bad config
 is refused naming the key before a run folder is made or a job is queued. The list of which test
-covers which bad input is in docs/faults.md.
+covers which bad input is in the README (Faults and bad input).
 """
 
 from __future__ import annotations

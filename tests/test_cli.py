@@ -146,3 +146,20 @@ def test_metrics_fields_cannot_overwrite_the_step_name(tmp_path: Path) -> None:
     assert read_metrics(tmp_path / "m.jsonl") == [
         {**read_metrics(tmp_path / "m.jsonl")[0], "step": "train", "job_id": "7", "kind": "train",
          "global_step": 3, "loss": 0.5}]
+
+
+def test_summarize_plot_writes_a_png_of_the_curves(tmp_path: Path) -> None:
+    from hpcpipe.metrics import MetricsWriter
+
+    run = _local_run(tmp_path, "true")
+    _wait_done(tmp_path / "runs")
+    writer = MetricsWriter(run.layout.metrics, "train", job_id="L1")
+    for i in range(1, 6):
+        writer.write("train", epoch=0, global_step=i * 10, loss=1.0 / i, samples_per_s=100.0 * i)
+    writer.write("eval", epoch=0, val_mae=1.0, val_smape=0.6, baseline_same_smape=1.0,
+                 baseline_roll4_smape=1.1, improvement_pct=40.0)
+    result = CliRunner().invoke(main, ["summarize", "--plot", "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    png = run.layout.root / "summary.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert "| 0 | 0.2 | 1 | 0.6 | 1 | 1.1 | 40% |" in result.output

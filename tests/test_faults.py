@@ -1,8 +1,8 @@
 """Faults injected into real runs: a process killed between write and rename, a full disk, the
 scheduler going away, a failing upstream step, two commands at once, and hostile or secret values.
 
-Each test says what it injects and what it checks; docs/faults.md is the table of them. Where a
-stand-in replaces a real part (a PATH shim for sbatch), the test says so.
+Each test says what it injects and what it checks; the README's "Faults and bad input" is the
+table of them. Where a stand-in replaces a real part (a PATH shim for sbatch), the test says so.
 """
 
 from __future__ import annotations

@@ -326,7 +326,10 @@ def _stop(env: dist.DistEnv, signals: dist.StopSignals, usr2: bool, epoch: int, 
         (ok,) = dist.all_reduce_max(env, [ok])
         if ok:
             dist.wait_to_be_ended(signals)  # Slurm ends the job for the requeue
-            return None
+            if env.is_main:
+                log.warning("job %s requeued: it resumes from %s when Slurm starts it again",
+                            job_id, where)
+            raise SystemExit(0)  # not "finished": jobmain must not report the step as done
     if env.is_main:
         log.error("stopped by %s at epoch %d step %d; checkpoint saved to %s. Run the train "
                   "step again to resume from it.", name, epoch, step, where)
