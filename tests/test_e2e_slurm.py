@@ -8,12 +8,11 @@ while it runs and `hpcpipe rerun train` completes it from its checkpoint.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from hpcli import hp, steps, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -27,36 +26,6 @@ SMALL = [
     # fine-tune the transformer itself, so DDP carries the encoder's gradients across nodes
     "--set", "train.freeze_encoder=false",
 ]
-
-
-def hp(cwd: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def steps(cwd: Path) -> dict[str, dict]:
-    out = json.loads(hp(cwd, "status", "--json").stdout)
-    return {row["step"]: row for row in out["steps"]}
-
-
-def wait_for(cwd: Path, cond, timeout: float, what: str) -> dict[str, dict]:
-    deadline = time.time() + timeout
-    seen: list = []
-    while time.time() < deadline:
-        rows = steps(cwd)
-        seen.append({s: (r["job_id"], r["state"], r["reason"]) for s, r in rows.items()})
-        if cond(rows):
-            return rows
-        failed = [s for s, r in rows.items() if r["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY")]
-        if failed:
-            log = Path(rows[failed[0]]["log"])
-            raise AssertionError(f"{failed} failed while waiting for {what}:\n"
-                                 + (log.read_text()[-4000:] if log.exists() else "(no log)"))
-        time.sleep(1)
-    raise AssertionError(f"timed out waiting for {what}; last states {seen[-3:]}")
 
 
 def test_submit_runs_the_pipeline_on_two_nodes_and_rerun_completes_a_cancelled_train(

@@ -15,8 +15,6 @@ model, and the whole file stays within a few minutes on two CPU cores.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import subprocess
 import time
@@ -25,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hpcli import hp, steps, wait_for
 
 from hpcpipe.metrics import read_metrics
 from hpcpipe.train import checkpoint
@@ -43,36 +42,6 @@ TRAIN = [
     "--set", f"train.epochs={EPOCHS}", "--set", f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
     "--set", "train.log_every=10", "--set", "train.checkpoint_every=20",
 ]
-
-
-def hp(cwd: Path, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")})
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
-
-def steps(cwd: Path) -> dict[str, dict]:
-    out = json.loads(hp(cwd, "status", "--json").stdout)
-    return {row["step"]: row for row in out["steps"]}
-
-
-def wait_for(cwd: Path, cond, timeout: float, what: str) -> dict[str, dict]:
-    deadline = time.time() + timeout
-    seen: list = []
-    while time.time() < deadline:
-        rows = steps(cwd)
-        seen.append({s: (r["job_id"], r["state"], r["reason"]) for s, r in rows.items()})
-        if cond(rows):
-            return rows
-        failed = [s for s, r in rows.items() if r["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY")]
-        if failed:
-            log = Path(rows[failed[0]]["log"])
-            raise AssertionError(f"{failed} failed while waiting for {what}:\n"
-                                 + (log.read_text()[-4000:] if log.exists() else "(no log)"))
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}; last states {seen[-3:]}")
 
 
 def submit(cwd: Path, model: Path, gpus: int, gpus_per_node: int) -> Path:

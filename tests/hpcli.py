@@ -1,0 +1,46 @@
+"""Driving the `hpcpipe` CLI from tests, as a user would: a new process per command, in a tmp
+folder whose runs/ is the runs folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+
+def hp(cwd: Path, *args: str, check: bool = True,
+       timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `hpcpipe ARGS` in ``cwd`` with ``cwd/runs`` as the runs folder."""
+    proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def steps(cwd: Path) -> dict[str, dict]:
+    """`hpcpipe status --json` as {step: row}."""
+    out = json.loads(hp(cwd, "status", "--json").stdout)
+    return {row["step"]: row for row in out["steps"]}
+
+
+def wait_for(cwd: Path, cond: Callable[[dict[str, dict]], bool], timeout: float, what: str,
+             poll_s: float = 1.0) -> dict[str, dict]:
+    """Poll `hpcpipe status --json` until ``cond(rows)``; fail early when a step fails."""
+    deadline = time.time() + timeout
+    seen: list = []
+    while time.time() < deadline:
+        rows = steps(cwd)
+        seen.append({s: (r["job_id"], r["state"], r["reason"]) for s, r in rows.items()})
+        if cond(rows):
+            return rows
+        failed = [s for s, r in rows.items() if r["state"] in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY")]
+        if failed:
+            log = Path(rows[failed[0]]["log"])
+            raise AssertionError(f"{failed} failed while waiting for {what}:\n"
+                                 + (log.read_text()[-4000:] if log.exists() else "(no log)"))
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out waiting for {what}; last states {seen[-3:]}")
