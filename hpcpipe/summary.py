@@ -177,7 +177,7 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
         peak = f", peak {_bytes(rec['max_rss_bytes'])}" if rec.get("max_rss_bytes") else ""
         return Diagnosis(step, "out of host memory (killed by Slurm/the kernel)",
                          found.get("host_oom", f"sacct state {state}"),
-                         f"raise {step}.mem (requested {rec.get('req_mem') or 'default'}{peak}) "
+                         f"raise {step}.mem (requested {_requested_mem(run, step, rec)}{peak}) "
                          f"and `hpcpipe rerun {step} --set {step}.mem=<more>`")
     if "nccl" in found:
         return Diagnosis(step, "NCCL error or collective timeout", found["nccl"],
@@ -274,6 +274,19 @@ def _user_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return str(uid)
+
+
+def _requested_mem(run: Run, step: str, rec: dict[str, Any]) -> str:
+    """What the step asked for: sacct's ReqMem, else the run's config, else the site default."""
+    if rec.get("req_mem"):
+        return rec["req_mem"]
+    try:
+        import yaml
+
+        cfg = yaml.safe_load(run.layout.config.read_text(encoding="utf-8")) or {}
+        return (cfg.get(step) or {}).get("mem") or "the partition's default"
+    except (OSError, ValueError, yaml.YAMLError):
+        return "the partition's default"
 
 
 def _bytes(n: Any) -> str:

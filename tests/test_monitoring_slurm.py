@@ -101,8 +101,11 @@ def cases(tmp_path_factory: pytest.TempPathFactory, slurm_cluster):
     # (b) a plain time limit: 1 minute, and a step that sleeps past it (no USR2 handling here).
     case("timeout", "--steps", "ingest", "--set", "ingest.time=1",
          "--set", "slurm.setup=['echo waiting past the limit', 'sleep 600']")
-    # (a) a step over its --mem: Python with pyarrow alone needs more than 60 MB.
-    case("oom", "--steps", "ingest", "--set", "ingest.mem=60M")
+    # (a) a step over its --mem: Python with pyarrow alone needs more than 60 MB, and synthesizing
+    # 400k reviews keeps it far above that for seconds, so Slurm's 1 s memory sampling sees it
+    # (a 5k-review ingest can finish between two samples).
+    case("oom", "--steps", "ingest", "--set", "ingest.mem=60M",
+         "--set", "data.synth_reviews=400000")
     # (d) + (e) input that is not JSON: ingest raises InputError, features and train never run.
     bad = tmp_path_factory.mktemp("input")
     (bad / "reviews.jsonl").write_text("this is not JSON\n")
