@@ -231,7 +231,8 @@ def _dependency_never_satisfied(run: Run, step: str, rec: dict[str, Any]) -> Dia
     failed = [s for s in ups if run.current(s) and run.current(s).get("state") != "COMPLETED"]
     root = next((s for s in failed
                  if run.current(s).get("reason") != "DependencyNeverSatisfied"), None)
-    never = "cancelled by Slurm before it started" if rec.get("state") == "CANCELLED" \
+    who = "Slurm" if run.backend_name == "slurm" else "the local runner"
+    never = f"cancelled by {who} before it started" if rec.get("state") == "CANCELLED" \
         else "pending forever"
     if root is None:
         return Diagnosis(step, f"DependencyNeverSatisfied: never ran ({never})",

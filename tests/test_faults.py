@@ -439,6 +439,7 @@ def test_failed_ingest_means_features_and_train_never_run(tmp_path: Path) -> Non
     for step in ("features", "train"):
         assert f"**{step}: DependencyNeverSatisfied" in report, report
     assert f"upstream ingest (job {rows['ingest']['job_id']}" in report
+    assert "cancelled by the local runner before it started" in report
 
 
 # ---------------------------------------------------------------------------------------------
