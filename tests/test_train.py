@@ -112,23 +112,6 @@ def make_features(root: Path, n_products: int = 80, n_weeks: int = 60, seed: int
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like any local model folder."""
-    from transformers import BertConfig, BertModel
-
-    from hpcpipe.train.model import default_model_dir, load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = load_tokenizer(default_model_dir())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="session")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("dataset") / "run"
     make_features(root)

@@ -102,23 +102,6 @@ def assert_same_training(got: Path, ref: Path, rtol: float = 1e-4) -> None:
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like any local model folder."""
-    from transformers import BertConfig, BertModel
-
-    from hpcpipe.train.model import default_model_dir, load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = load_tokenizer(default_model_dir())
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, intermediate_size=64,
-                         max_position_embeddings=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[int, Path]:
     """Cwd of a 1-rank and of a 4-rank (2 nodes x 2) run, both submitted at once, not awaited."""
     one, four = tmp_path_factory.mktemp("one-rank"), tmp_path_factory.mktemp("four-ranks")
