@@ -23,6 +23,7 @@ from hpcpipe.errors import ConfigError, RunError, SchedulerError, SubmissionErro
 from hpcpipe.layout import RunLayout
 from hpcpipe.run import Run, new_run_id
 from hpcpipe.scheduler import TERMINAL_STATES
+from hpcpipe.users import user_name
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,11 @@ def cancel(run: Run, step: str | None) -> list[str]:
         ids = [r["job_id"] for s in steps for r in run.jobs(s) if is_active(r)]
         if ids:
             get_backend(run.backend_name, run.layout.root).cancel(ids)
+            # sacct names the canceller only sometimes ("CANCELLED" or "CANCELLED by 0"), and a
+            # job cancelled while pending can look like Slurm's own DependencyNeverSatisfied:
+            # hpcpipe knows who cancelled, so it says so.
+            for rec in (r for s in steps for r in run.jobs(s) if r["job_id"] in ids):
+                rec["cancelled_by"] = user_name()
             run.event(f"cancelled {', '.join(ids)}")
             run.save()
     return ids

@@ -145,6 +145,9 @@ class Run:
                     "final": info.state in TERMINAL_STATES - {"PREEMPTED", "NODE_FAIL"},
                 }
                 new.update({k: v for k, v in info.extra.items() if v})
+                if rec.get("cancelled_by") and info.state == "CANCELLED" and \
+                        info.reason in ("Dependency", "DependencyNeverSatisfied"):
+                    new["reason"] = ""  # cancelled by a user while it waited, not by Slurm
                 if any(rec.get(k) != v for k, v in new.items()):
                     rec.update(new)
                     changed = True

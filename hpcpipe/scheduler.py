@@ -110,6 +110,18 @@ class JobInfo:
         return self.state in TERMINAL_STATES
 
 
+def _started_at(state: str, start: str, nodes: str) -> str:
+    """The time a job really started, or "" if it never ran.
+
+    Slurm fills the start field where no job ran: squeue shows a pending job's *expected* start
+    and a job cancelled while pending gets its cancel time as start. Only a job that was given
+    nodes has started.
+    """
+    if state.startswith("PENDING") or nodes in ("", "(null)", "None assigned"):
+        return ""
+    return "" if start in ("N/A", "Unknown", "None") else start
+
+
 _SQUEUE_FIELDS = ["JobID", "State", "Reason", "TimeUsed", "TimeLimit", "NodeList", "Restartcnt",
                   "SubmitTime", "StartTime", "Dependency"]
 
@@ -144,7 +156,7 @@ def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
             reason="" if reason in ("None", "(null)") else reason, elapsed=used, time_limit=limit,
             nodes="" if nodes in ("(null)", "") else nodes,
             restarts=int(restarts) if restarts.isdigit() else 0,
-            submit=submit, start="" if start in ("N/A", "Unknown") else start, source="squeue",
+            submit=submit, start=_started_at(state, start, nodes), source="squeue",
         )
     return jobs
 
@@ -199,7 +211,7 @@ def parse_sacct(out: str) -> dict[str, JobInfo]:
             requeues[base] = requeues.get(base, 0) + 1
         reason = "" if row["Reason"] == "None" else row["Reason"]
         started = row["Start"] not in ("None", "Unknown", "")
-        if state == "CANCELLED" and reason == "Dependency" and not started:
+        if state == "CANCELLED" and reason == "Dependency" and not started and not by:
             # --kill-on-invalid-dep cancelled it before it ever started; sacct keeps only the
             # pending reason where squeue says DependencyNeverSatisfied.
             reason = "DependencyNeverSatisfied"
@@ -210,7 +222,7 @@ def parse_sacct(out: str) -> dict[str, JobInfo]:
             elapsed=row["Elapsed"], time_limit=row["Timelimit"],
             nodes="" if row["NodeList"] in ("None assigned", "") else row["NodeList"],
             exit_code=row["ExitCode"], submit=row["Submit"],
-            start="" if row["Start"] in ("Unknown", "None") else row["Start"],
+            start=_started_at(state, row["Start"], row["NodeList"]),
             end="" if row["End"] in ("Unknown", "None") else row["End"], source="sacct",
             extra={"alloc_cpus": row["AllocCPUS"], "total_cpu": row["TotalCPU"],
                    # a record slurmdbd has not completed yet shows e.g. "16?"
@@ -244,7 +256,8 @@ def scontrol_jobs(job_ids: list[str]) -> dict[str, JobInfo]:
             elapsed=kv.get("RunTime", ""), time_limit=kv.get("TimeLimit", ""),
             nodes="" if kv.get("NodeList") in (None, "(null)") else kv["NodeList"],
             exit_code=kv.get("ExitCode", ""), restarts=int(kv.get("Restarts", "0") or 0),
-            submit=kv.get("SubmitTime", ""), start=kv.get("StartTime", ""),
+            submit=kv.get("SubmitTime", ""),
+            start=_started_at(kv.get("JobState", ""), kv.get("StartTime", ""), kv.get("NodeList", "")),
             end=kv.get("EndTime", ""), source="scontrol",
         )
     return jobs

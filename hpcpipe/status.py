@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpcpipe.run import Run
+from hpcpipe.users import user_name
 
 
 def step_rows(run: Run) -> list[dict[str, Any]]:
@@ -34,25 +35,13 @@ def _detail(rec: dict[str, Any]) -> str:
         return reason
     if state == "CANCELLED":
         by = rec.get("cancelled_by", "")
-        return f"by {_user_name(by)}" if by else reason or "-"
+        return f"by {user_name(by)}" if by else reason or "-"
     if state == "TIMEOUT":
         return f"time limit {rec.get('time_limit', '')}".strip()
     if state in ("FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
         code = rec.get("exit_code", "")
         return f"exit {code}" if code else reason
     return reason
-
-
-def _user_name(uid: str) -> str:
-    """sacct's "CANCELLED by 0" names a uid; show the user name where this machine knows it."""
-    if not uid.isdigit():
-        return uid
-    import pwd
-
-    try:
-        return pwd.getpwuid(int(uid)).pw_name
-    except KeyError:
-        return uid
 
 
 def format_table(run: Run, note: str | None = None) -> str:

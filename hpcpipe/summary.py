@@ -17,6 +17,7 @@ from typing import Any
 from hpcpipe import scheduler
 from hpcpipe.metrics import read_metrics
 from hpcpipe.run import Run
+from hpcpipe.users import user_name
 
 
 @dataclass
@@ -205,14 +206,12 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
                          f"[--exclude={rec.get('nodes') or 'NODE'}] if it repeats)")
     if state == "CANCELLED":
         by = rec.get("cancelled_by", "")
-        if by.isdigit():
-            by = _user_name(int(by))
-        by = f" by {by}" if by else ""
+        by = f" by {user_name(by)}" if by else ""
         ran = "" if rec.get("start") else " before it started"
         action = f"`hpcpipe rerun {step}` submits it again" if ran else \
             f"`hpcpipe rerun {step}` resumes it in place{_progress(run, step)}"
-        return Diagnosis(step, f"CANCELLED{by}{ran}", found.get("cancelled", f"sacct: CANCELLED{by}"),
-                         action)
+        evidence = found.get("cancelled", f"job {rec['job_id']} CANCELLED{by}")
+        return Diagnosis(step, f"CANCELLED{by}{ran}", evidence, action)
     if "traceback" in found:
         frame, msg = found["traceback"]
         kind = msg.split(":", 1)[0].rsplit(".", 1)[-1]
@@ -266,15 +265,6 @@ def _requeued(run: Run, step: str, rec: dict[str, Any]) -> Diagnosis:
                      cause or f"restart count {n} on job {rec['job_id']}",
                      "nothing to do: the same job id runs again and resumes its work "
                      f"(`hpcpipe logs {step} -f` follows it)")
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def _requested_mem(run: Run, step: str, rec: dict[str, Any]) -> str:

@@ -90,3 +90,39 @@ def test_a_tqdm_heavy_log_is_scanned_line_by_line(tmp_path: Path) -> None:
                         "ValueError: bad bucket 00012\n")
     found = scan_log(log)
     assert found["traceback"] == ("/x/y.py:3 in f", "ValueError: bad bucket 00012")
+
+
+# sacct -P -D rows from the test cluster (14 fields; Reason is the last pending reason): a job
+# cancelled while it waited on its dependency gets a Start time on some runs and "None" on others.
+_CANCELLED_WAITING = {
+    "start set": "919|CANCELLED|0:0|00:00:00|12:00:00|None assigned|2026-11-21T23:24:02|"
+                 "2026-11-21T23:24:06|2026-11-21T23:24:06|Dependency|2|00:00:00||16G",
+    "start None": "893|CANCELLED|0:0|00:00:00|12:00:00|None assigned|2026-11-21T23:18:37|None|"
+                  "2026-11-21T23:18:37|Dependency|2|00:00:00||16G",
+}
+
+
+@pytest.mark.parametrize("row", _CANCELLED_WAITING.values(), ids=_CANCELLED_WAITING.keys())
+def test_a_job_cancelled_while_waiting_never_started_whatever_sacct_says(
+        tmp_path: Path, row: str) -> None:
+    (info,) = parse_sacct(row).values()
+    assert info.state == "CANCELLED" and info.start == "", info
+    run = Run.create(tmp_path / "runs", "run-x", "slurm", tmp_path / "logs")
+    for step, jid in (("ingest", "1"), ("features", "2")):
+        run.add_job(step, jid, [], Path("x")).update(state="COMPLETED" if jid == "1" else
+                                                      "CANCELLED", final=True)
+    rec = run.add_job("train", info.job_id, ["2"], Path("x"))
+    rec["cancelled_by"] = "alice"  # what `hpcpipe cancel` records
+    run.apply({info.job_id: info})
+    train = next(d for d in diagnose(run) if d.step == "train")
+    assert train.problem == "CANCELLED by alice before it started", train
+    assert train.evidence == f"job {info.job_id} CANCELLED by alice", train
+    assert train.action == "`hpcpipe rerun train` submits it again", train
+
+
+def test_slurm_cancelling_a_job_whose_dependency_failed_is_named_as_such() -> None:
+    (info,) = parse_sacct(_CANCELLED_WAITING["start None"]).values()
+    assert info.reason == "DependencyNeverSatisfied"
+    by_user = _CANCELLED_WAITING["start None"].replace("|CANCELLED|", "|CANCELLED by 0|")
+    (info,) = parse_sacct(by_user).values()
+    assert info.reason == "Dependency" and info.extra["cancelled_by"] == "0"

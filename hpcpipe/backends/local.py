@@ -24,6 +24,7 @@ from pathlib import Path
 from hpcpipe import files
 from hpcpipe.backends.base import Backend
 from hpcpipe.scheduler import TERMINAL_STATES, JobInfo
+from hpcpipe.users import user_name
 
 POLL_S = 0.5
 
@@ -184,10 +185,10 @@ class _Runner:
             signal.signal(sig, self.on_signal)
         if self.after and not self.wait_dependencies():
             if self.cancelled and self.rec["state"] != "CANCELLED":
-                self.save(state="CANCELLED", reason="", end=_now(), cancelled_by=_user())
+                self.save(state="CANCELLED", reason="", end=_now(), cancelled_by=user_name())
             return 1
         if self.cancelled:
-            self.save(state="CANCELLED", reason="", end=_now(), cancelled_by=_user())
+            self.save(state="CANCELLED", reason="", end=_now(), cancelled_by=user_name())
             return 1
         log = self.log_path()
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +203,7 @@ class _Runner:
             rc = self.child.wait()
         if self.cancelled:
             self.save(state="CANCELLED", end=_now(), exit_code=f"0:{signal.SIGTERM.value}",
-                      cancelled_by=_user())
+                      cancelled_by=user_name())
         elif rc == 0:
             self.save(state="COMPLETED", end=_now(), exit_code="0:0")
         elif rc < 0:
@@ -215,15 +216,6 @@ class _Runner:
 def _first_record(job_id: str, after: list[str]) -> dict:
     return {"job_id": job_id, "state": "PENDING", "submit": _now(),
             "reason": "Dependency" if after else "", "node": os.uname().nodename}
-
-
-def _user() -> str:
-    try:
-        import pwd
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (KeyError, ImportError):
-        return str(os.getuid())
 
 
 def main(argv: list[str] | None = None) -> None:
