@@ -363,28 +363,44 @@ def test_crash_between_write_and_rename_keeps_previous_checkpoint(
     assert resumed.count(6) == 2 and resumed.count(5) == 1, "resumed after step 5"
 
 
+@pytest.mark.parametrize("when", ["training", "starting"])
 def test_usr2_locally_checkpoints_and_exits_nonzero(dataset: Path, tiny_model: Path,
-                                                    tmp_path: Path) -> None:
+                                                    tmp_path: Path, when: str) -> None:
+    """USR2 mid-training, or while the process still imports torch (a requeued job can get
+    Slurm's warning that early): either way a checkpoint at a step boundary, then exit 140."""
     layout, _ = new_run(dataset, tmp_path / "run", tiny_model, epochs=200)
     proc = subprocess.Popen([sys.executable, "-u", str(REPO / "jobs" / "train.py"), "--run-dir",
                              str(layout.root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=subprocess_env())
     try:
-        deadline = time.monotonic() + 90
-        while not any(r["kind"] == "train" for r in read_metrics(layout.metrics)):
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "training did not start"
-            time.sleep(0.2)
+        head = ""
+        if when == "starting":
+            # jobs/main logs this line before the step imports torch and builds the model.
+            while "step train of run" not in head:
+                line = proc.stdout.readline()
+                assert line, head
+                head += line
+            assert not any(r["kind"] == "train" for r in read_metrics(layout.metrics))
+        else:
+            deadline = time.monotonic() + 90
+            while not any(r["kind"] == "train" for r in read_metrics(layout.metrics)):
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "training did not start"
+                time.sleep(0.2)
         proc.send_signal(signal.SIGUSR2)
         out, _ = proc.communicate(timeout=60)
+        out = head + out
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 128 + signal.SIGUSR2, out[-3000:]
     assert "stopped by SIGUSR2" in out and "checkpoint saved" in out
     state = checkpoint.load(checkpoint.last_path(layout.train))
-    last_logged = max(train_losses(layout))
-    assert state["global_step"] == last_logged, "checkpoint at the step boundary it stopped on"
+    last_logged = max(train_losses(layout), default=0)
+    assert state["global_step"] == last_logged or when == "starting", \
+        "checkpoint at the step boundary it stopped on"
+    if when == "starting":
+        assert state["global_step"] == 1 and "at epoch 0 step 1;" in out, out[-3000:]
     assert state["epoch"] < 200
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -19,6 +18,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from hpcpipe.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -152,38 +153,13 @@ def all_gather_object(env: DistEnv, obj: Any) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals: a handler only sets a flag; the loop acts at the next optimizer step boundary, where
-# all ranks agree on it through an all-reduce.
+# Stop signals (the flags live in hpcpipe.train.stop): the ranks agree on them at a step boundary.
 
 
-class StopSignals:
-    """Remembers SIGUSR2 (Slurm's warning before the time limit) and SIGTERM."""
-
-    def __init__(self) -> None:
-        self.usr2 = False
-        self.term = False
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> StopSignals:
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum == signal.SIGUSR2:
-            self.usr2 = True
-        else:
-            self.term = True
-
-    def agreed(self, env: DistEnv) -> tuple[bool, bool]:
-        """(usr2, term) as seen by any rank; every rank must call this at the same point."""
-        usr2, term = all_reduce_max(env, [float(self.usr2), float(self.term)])
-        return usr2 > 0, term > 0
+def agreed_stop(env: DistEnv, signals: StopSignals) -> tuple[bool, bool]:
+    """(usr2, term) as seen by any rank; every rank must call this at the same point."""
+    usr2, term = all_reduce_max(env, [float(signals.usr2), float(signals.term)])
+    return usr2 > 0, term > 0
 
 
 def slurm_job_id() -> str | None:

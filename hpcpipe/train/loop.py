@@ -40,6 +40,7 @@ from hpcpipe.train.model import (
     param_groups,
     product_embeddings,
 )
+from hpcpipe.train.stop import SIGNALS, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, 
     128 + the signal number; inside Slurm, SIGUSR2 checkpoints and requeues the job.
     """
     env = dist.setup()
-    signals = dist.StopSignals().install()
+    signals = SIGNALS.install()  # jobs/train.py installed it already
     try:
         return _train(layout, cfg, metrics, env, signals)
     finally:
@@ -78,7 +79,7 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, 
 
 
 def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.DistEnv,
-           signals: dist.StopSignals) -> dict[str, Any] | None:
+           signals: StopSignals) -> dict[str, Any] | None:
     t = cfg.train
     main, device = env.is_main, env.device
     cuda = device.type == "cuda"
@@ -253,7 +254,7 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
                 loss_sum, seen, tokens_seen, wait = 0.0, 0, 0, 0.0
                 interval_start = time.perf_counter()
 
-            usr2, term = signals.agreed(env)
+            usr2, term = dist.agreed_stop(env, signals)
             if usr2 or term:
                 bar.close()
                 del batches, loader  # end the loader's workers before Slurm signals them
@@ -306,7 +307,7 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
     return summary
 
 
-def _stop(env: dist.DistEnv, signals: dist.StopSignals, usr2: bool, epoch: int, step: int,
+def _stop(env: dist.DistEnv, signals: StopSignals, usr2: bool, epoch: int, step: int,
           layout: RunLayout) -> None:
     """After the checkpoint of a signalled stop: requeue inside Slurm, else exit non-zero."""
     name = "SIGUSR2" if usr2 else "SIGTERM"

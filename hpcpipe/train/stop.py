@@ -1,0 +1,46 @@
+"""Stop signals of the train step: SIGUSR2 (Slurm's warning ``train.signal_seconds`` before the
+time limit) and SIGTERM (scancel, or the limit itself).
+
+A handler only sets a flag; the training loop acts on it at the next optimizer-step boundary,
+where all ranks agree on it through one all-reduce (``dist.agreed_stop``). ``jobs/train.py``
+installs the handlers before torch is imported: Slurm may send USR2 while a (requeued) job is
+still starting, and USR2's default action would kill the rank with nothing saved. This module
+imports nothing heavy for that reason.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+
+class StopSignals:
+    """Remembers SIGUSR2 and SIGTERM until the training loop looks."""
+
+    def __init__(self) -> None:
+        self.usr2 = False
+        self.term = False
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignals:
+        """Catch the signals from now on (a second call changes nothing)."""
+        if not self._previous:
+            for sig in (signal.SIGUSR2, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def uninstall(self) -> None:
+        """Give the signals back to the handlers they had before ``install``."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR2:
+            self.usr2 = True
+        else:
+            self.term = True
+
+
+#: The process's one set of flags: installed early by jobs/train.py, read by the training loop.
+SIGNALS = StopSignals()
