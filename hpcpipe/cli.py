@@ -235,7 +235,7 @@ def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
     note = pipeline.refresh(r)
     with r.try_lock() as locked:
         if locked:  # re-read under the lock so a rerun's new jobs are never written over
-            pipeline.reload_state(r)
+            r.reload()
         summary.refresh_accounting(r)
         if locked:
             r.save()

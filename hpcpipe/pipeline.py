@@ -153,7 +153,7 @@ def refresh(run: Run) -> str | None:
     that lives long (``status --watch``, ``logs -f``) sees jobs that a ``rerun`` added meanwhile
     and never writes back a state older than the file's.
     """
-    reload_state(run)
+    run.reload()
     open_jobs = run.open_jobs()
     if not open_jobs:
         return None
@@ -166,7 +166,7 @@ def refresh(run: Run) -> str | None:
         return f"the scheduler query failed ({exc}); showing the last known states"
     with run.try_lock() as locked:
         if locked:
-            reload_state(run)
+            run.reload()
             if run.apply(infos) | _mark_never_satisfied(run):
                 try:
                     run.save()
@@ -198,14 +198,6 @@ def _mark_never_satisfied(run: Run) -> bool:
                 rec["reason"] = "DependencyNeverSatisfied"
                 changed = True
     return changed
-
-
-def reload_state(run: Run) -> None:
-    """Read the run's state file again (kept as it is if the file cannot be read just now)."""
-    try:
-        run.state = files.read_json(run.layout.state)
-    except (OSError, ValueError):
-        pass
 
 
 def is_active(rec: dict | None) -> bool:

@@ -171,12 +171,17 @@ class Run:
                     "and try again") from None
             os.ftruncate(fd, 0)
             os.write(fd, f"`hpcpipe {what}` (pid {os.getpid()})".encode())
-            # Re-read: the command that held the lock may have changed the state meanwhile.
-            if self.layout.state.exists():
-                self.state = files.read_json(self.layout.state)
+            self.reload()  # the command that held the lock may have changed the state meanwhile
             yield
         finally:
             os.close(fd)
+
+    def reload(self) -> None:
+        """Read the state file again; kept as it is if the file cannot be read just now."""
+        try:
+            self.state = files.read_json(self.layout.state)
+        except (OSError, ValueError):
+            pass
 
     def try_lock(self) -> contextlib.AbstractContextManager[bool]:
         """Take the lock if free (yield True) or go on without it (yield False)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcpipe import scheduler
+from hpcpipe.config import load_config
+from hpcpipe.errors import ConfigError
 from hpcpipe.metrics import read_metrics
 from hpcpipe.run import Run
 from hpcpipe.users import user_name
@@ -272,12 +274,10 @@ def _requested_mem(run: Run, step: str, rec: dict[str, Any]) -> str:
     if rec.get("req_mem"):
         return rec["req_mem"]
     try:
-        import yaml
-
-        cfg = yaml.safe_load(run.layout.config.read_text(encoding="utf-8")) or {}
-        return (cfg.get(step) or {}).get("mem") or "the partition's default"
-    except (OSError, ValueError, yaml.YAMLError):
+        cfg = load_config(run.layout.config)
+    except (OSError, ConfigError):
         return "the partition's default"
+    return getattr(cfg, step).mem or "the partition's default"
 
 
 def _bytes(n: Any) -> str:

@@ -129,18 +129,19 @@ def barrier(env: DistEnv) -> None:
 
 def all_reduce_sum(env: DistEnv, values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over all ranks (float64)."""
-    if not env.distributed:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return _all_reduce(env, values, dist.ReduceOp.SUM)
 
 
 def all_reduce_max(env: DistEnv, values: list[float]) -> list[float]:
+    """Element-wise maximum of ``values`` over all ranks (float64)."""
+    return _all_reduce(env, values, dist.ReduceOp.MAX)
+
+
+def _all_reduce(env: DistEnv, values: list[float], op: Any) -> list[float]:
     if not env.distributed:
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=op)
     return t.tolist()
 
 
