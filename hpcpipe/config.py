@@ -333,6 +333,21 @@ def check_time(value: str, key: str) -> None:
         )
 
 
+def time_limit_seconds(value: str) -> int:
+    """Seconds in a Slurm time limit (already checked by ``check_time``).
+
+    sbatch reads ``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M`` and ``D-H:M:S``.
+    """
+    days, _, rest = value.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 3:
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+
+
 def _check_mem(value: str | None, key: str) -> None:
     if value is not None and not _MEM_RE.match(value):
         raise ConfigError(f"{key}: {value!r} is not a memory size such as 8G, 500M or 64000")
@@ -394,6 +409,12 @@ def validate(cfg: RunConfig) -> None:
     if t.num_workers < 0 or t.signal_seconds < 0 or t.warmup_steps < 0 or t.train_weeks < 0:
         raise ConfigError("train.num_workers, signal_seconds, warmup_steps and train_weeks "
                           "must not be negative")
+    if 0 < time_limit_seconds(t.time) <= t.signal_seconds:  # 0: no limit
+        raise ConfigError(
+            f"train.signal_seconds={t.signal_seconds} is not less than train.time={t.time} "
+            f"({time_limit_seconds(t.time)} s): the warning to checkpoint and requeue would come "
+            "as soon as the job starts, every time. Raise train.time or lower "
+            "train.signal_seconds (Slurm may send it up to 60 s early)")
     if t.lr <= 0 or t.encoder_lr < 0:
         raise ConfigError("train.lr must be positive and train.encoder_lr not negative")
     if cfg.data.synth_reviews <= 0:

@@ -50,6 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from hpcpipe import faulthooks
 from hpcpipe.config import FeaturesConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp, read_json, write_json
@@ -90,11 +91,6 @@ OUTPUT_SCHEMA = pa.schema([
 ])
 
 PART_NAME = "part-0.parquet"
-#: Test hook, off by default: seconds every bucket waits between writing its temporary file and
-#: renaming it into place, so that fault-injection tests (tests/test_features_faults.py) can
-#: cancel the job, kill a worker or hit the time limit while buckets are in flight. Read on the
-#: workers, which inherit the job's environment. Never set it outside tests.
-FAULT_DELAY_ENV = "HPCPIPE_FAULT_BUCKET_DELAY_S"
 MANIFEST = "manifest.json"
 _DAY_MS = 86_400_000
 # 1970-01-01 was a Thursday: week index w = floor((days + 3) / 7) counts Mondays from 1969-12-29,
@@ -281,14 +277,6 @@ def _read_bucket(files: list[str]) -> pa.Table:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def _fault_delay_s() -> float:
-    """Seconds of ``FAULT_DELAY_ENV`` (a test hook; 0 when unset or not a number)."""
-    try:
-        return max(0.0, float(os.environ.get(FAULT_DELAY_ENV, "") or 0))
-    except ValueError:
-        return 0.0
-
-
 def process_bucket(files: list[str], out_path: str, last_week: str) -> dict[str, Any]:
     """Compute one bucket's features, write them atomically to ``out_path``; runs on a worker."""
     start = time.perf_counter()
@@ -299,7 +287,7 @@ def process_bucket(files: list[str], out_path: str, last_week: str) -> dict[str,
     else:
         out = OUTPUT_SCHEMA.empty_table()
     del table
-    delay = _fault_delay_s()
+    delay = faulthooks.delay_s(faulthooks.BUCKET_DELAY_ENV)
     with atomic_path(Path(out_path)) as tmp:
         pq.write_table(out, tmp, compression="zstd")
         if delay:

@@ -7,15 +7,22 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 
-def hp(cwd: Path, *args: str, check: bool = True,
-       timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `hpcpipe ARGS` in ``cwd`` with ``cwd/runs`` as the runs folder."""
+def hp(cwd: Path, *args: str, check: bool = True, timeout: float = 120,
+       env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `hpcpipe ARGS` in ``cwd`` with ``cwd/runs`` as the runs folder.
+
+    ``env`` adds variables (the fault hooks of hpcpipe/faulthooks.py): the command gets them,
+    and so do the jobs it submits, through sbatch's environment export. No hook is inherited
+    from this process's environment.
+    """
+    full = {k: v for k, v in os.environ.items() if not k.startswith("HPCPIPE_FAULT_")}
+    full.update({"HPCPIPE_RUNS_DIR": str(cwd / "runs"), **(env or {})})
     proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")})
+                          timeout=timeout, env=full)
     if check and proc.returncode != 0:
         raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc

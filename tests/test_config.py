@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from hpcpipe.config import STEPS, RunConfig, check_paths, load_config, parse_override, train_nodes
+from hpcpipe.config import (
+    STEPS,
+    RunConfig,
+    check_paths,
+    load_config,
+    parse_override,
+    time_limit_seconds,
+    train_nodes,
+)
 from hpcpipe.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -45,12 +53,25 @@ def test_overrides_are_typed_yaml_values() -> None:
         ("slurm.extra_sbatch=[--comment=`id`]", "slurm.extra_sbatch[0]"),
         ("slurm.extra_sbatch=[mail]", "slurm.extra_sbatch[0]"),
         ("train", "expected key=value"),
+        ("train.time=5", "train.signal_seconds=300 is not less than train.time=5 (300 s)"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(("limit", "seconds"), [
+    ("90", 5400), ("1:30", 90), ("01:30:00", 5400), ("2-0", 172800), ("1-12:30", 131400),
+    ("1-00:00:10", 86410), ("0", 0)])
+def test_slurm_time_limits_in_seconds(limit: str, seconds: int) -> None:
+    assert time_limit_seconds(limit) == seconds
+
+
+def test_signal_seconds_fit_the_time_limit_or_no_limit() -> None:
+    assert load_config(None, ["train.time=6", "train.signal_seconds=300"]).train.time == "6"
+    assert load_config(None, ["train.time=0"]).train.signal_seconds == 300  # 0: no time limit
 
 
 def test_newline_in_setup_line_is_refused() -> None:

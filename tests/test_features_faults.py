@@ -7,7 +7,7 @@ output, no temporary file is left, and a rerun reuses the buckets the broken job
 
 The faults: ``hpcpipe cancel features`` (scancel), ``kill -9`` of one Dask worker process of the
 job, and the job's Slurm time limit. To land them mid-bucket on a fast kernel, the jobs run with
-the test hook ``HPCPIPE_FAULT_BUCKET_DELAY_S`` (``hpcpipe.features.FAULT_DELAY_ENV``): every
+the test hook ``HPCPIPE_FAULT_BUCKET_DELAY_S`` (``hpcpipe.faulthooks``): every
 bucket waits that long between writing its temporary file and renaming it into place, the
 widest window a real fault can hit. Reruns run without it.
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,8 +28,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hpcli import hp
 
-from hpcpipe import features
+from hpcpipe import faulthooks, features
 from hpcpipe.config import FeaturesConfig
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("time_limited_run")]
@@ -53,25 +53,11 @@ class Submitted:
     features_job: str
 
 
-def hp(cwd: Path, *args: str, delay_s: float = 0.0, check: bool = True,
-       timeout: float = 120) -> subprocess.CompletedProcess:
-    """The `hpcpipe` CLI in ``cwd``; ``delay_s`` reaches the jobs it submits via sbatch's
-    environment export."""
-    env = {**os.environ, "HPCPIPE_RUNS_DIR": str(cwd / "runs")}
-    env.pop(features.FAULT_DELAY_ENV, None)
-    if delay_s:
-        env[features.FAULT_DELAY_ENV] = str(delay_s)
-    proc = subprocess.run(["hpcpipe", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"hpcpipe {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-    return proc
-
 
 def submit(cwd: Path, *extra: str, delay_s: float) -> Submitted:
     """Submit ingest -> features in ``cwd``; every job of it runs with ``delay_s`` per bucket."""
     cwd.mkdir(parents=True, exist_ok=True)
-    hp(cwd, "submit", *SMALL, *extra, delay_s=delay_s)
+    hp(cwd, "submit", *SMALL, *extra, env={faulthooks.BUCKET_DELAY_ENV: str(delay_s)})
     run_dir = next((cwd / "runs").iterdir())
     state = json.loads((run_dir / "state.json").read_text())
     ids = {s: state["steps"][s]["jobs"][0]["job_id"] for s in ("ingest", "features")}

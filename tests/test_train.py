@@ -404,6 +404,24 @@ def test_usr2_locally_checkpoints_and_exits_nonzero(dataset: Path, tiny_model: P
     assert state["epoch"] < 200
 
 
+def test_usr2_after_training_finished_does_not_kill_the_job(dataset: Path, tiny_model: Path,
+                                                            tmp_path: Path) -> None:
+    """Slurm's warning can come while the last predictions are written or the process exits:
+    the run has finished, so the signal must not turn the job into one killed by USR2."""
+    layout, _ = new_run(dataset, tmp_path / "run", tiny_model, epochs=1, max_steps_per_epoch=2)
+    late = ("import os, runpy, signal, sys, time\n"
+            f"sys.argv = ['train.py', '--run-dir', {str(layout.root)!r}]\n"
+            f"runpy.run_path({str(REPO / 'jobs' / 'train.py')!r}, run_name='__main__')\n"
+            "os.kill(os.getpid(), signal.SIGUSR2)\n"
+            "time.sleep(0.5)\n"
+            "print('still alive after USR2')\n")
+    proc = subprocess.run([sys.executable, "-u", "-c", late], capture_output=True, text=True,
+                          env=subprocess_env(), timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "step train finished" in out and "still alive after USR2" in out, out[-3000:]
+
+
 def test_rank_and_rendezvous_from_slurm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_PROCID", "3")

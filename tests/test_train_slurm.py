@@ -6,6 +6,10 @@
   checkpoint and ends with the weights and validation metrics of an uninterrupted run.
 * `scancel --signal=USR2` (what Slurm sends `train.signal_seconds` before the time limit) makes the
   running job checkpoint and requeue itself, and the requeued job finishes the run on its own.
+* A real time limit: with `train.time=1` and `train.signal_seconds=10`, Slurm's own timer sends
+  USR2 20-50 s into each start of a job that needs longer than that (slurmctld checks every 30 s
+  and warns up to 60 s early), until one start finishes the run; the result equals the
+  uninterrupted run's.
 
 Every run trains on the same synthetic data with the same seed, global batch and schedule, so the
 1-rank run is the uninterrupted reference of all three tests. The encoder is a tiny random BERT
@@ -25,6 +29,7 @@ import pytest
 import torch
 from hpcli import hp, steps, wait_for
 
+from hpcpipe import faulthooks
 from hpcpipe.metrics import read_metrics
 from hpcpipe.train import checkpoint
 
@@ -44,11 +49,13 @@ TRAIN = [
 ]
 
 
-def submit(cwd: Path, model: Path, gpus: int, gpus_per_node: int) -> Path:
+def submit(cwd: Path, model: Path, gpus: int, gpus_per_node: int, *extra: str,
+           env: dict[str, str] | None = None) -> Path:
     """Submit the pipeline with a global batch of GLOBAL_BATCH over ``gpus`` ranks."""
     cwd.mkdir(parents=True, exist_ok=True)
     hp(cwd, "submit", "--gpus", str(gpus), "--gpus-per-node", str(gpus_per_node), *TRAIN,
-       "--set", f"train.model={model}", "--set", f"train.batch_size={GLOBAL_BATCH // gpus}")
+       "--set", f"train.model={model}", "--set", f"train.batch_size={GLOBAL_BATCH // gpus}",
+       *extra, env=env)
     return next((cwd / "runs").iterdir())
 
 
@@ -179,6 +186,46 @@ def test_usr2_checkpoints_and_requeues_the_job_which_completes_the_run(
     log = hp(tmp_path, "logs", "train").stdout
     assert f"requeueing job {job}" in log and "(restart 1)" in log, log[-3000:]
     assert re.search(r"resuming from \S+ at epoch \d+, step \d+ of", log), log[-3000:]
+
+    completed(uninterrupted[1])
+    assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
+
+
+def test_a_real_time_limit_requeues_until_done_with_the_uninterrupted_result(
+        tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path], slurm_cluster) -> None:
+    # 600 steps at >= 0.08 s each (the step-delay hook) take longer than the 50 s after which
+    # Slurm has surely sent USR2, so the first start is interrupted; each later start gets the
+    # same minute and the same warning, and makes progress until one finishes. The warning can
+    # come while the job still starts (jobs/train.py catches it before importing torch).
+    run_dir = submit(tmp_path, tiny_model, 2, 1, "--set", "train.time=1",
+                     "--set", "train.signal_seconds=10",
+                     env={faulthooks.STEP_DELAY_ENV: "0.08"})
+    job = steps(tmp_path)["train"]["job_id"]
+    deadline = time.time() + 480
+    eligible, seen = 0, []
+    while True:
+        info = slurm_cluster.job_info(job)
+        state, restarts = info.get("JobState"), int(info.get("Restarts", 0))
+        if not seen or seen[-1] != (state, restarts):
+            seen.append((state, restarts))
+        if state == "COMPLETED":
+            break
+        assert state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED"), seen
+        if state == "PENDING" and restarts > eligible:
+            # A requeued job waits ~120 s (BeginTime) before it may start again; skip that wait.
+            slurm_cluster.make_eligible(job)
+            eligible = restarts
+        assert time.time() < deadline, f"job {job} did not finish: {seen}"
+        time.sleep(0.5)
+
+    rows = completed(tmp_path)
+    assert rows["train"]["job_id"] == job and rows["train"]["earlier"] == []
+    assert rows["train"]["restarts"] == restarts >= 1, seen
+    log = hp(tmp_path, "logs", "train").stdout
+    warned = re.findall(r"SIGUSR2 at epoch (\d+) step (\d+): checkpoint saved", log)
+    resumed = re.findall(r"resuming from \S+ at epoch (\d+), step (\d+) of", log)
+    assert len(warned) == restarts and resumed == warned, log[-3000:]
+    assert "DUE TO TIME LIMIT" not in log, "the warning must come before the limit"
 
     completed(uninterrupted[1])
     assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))

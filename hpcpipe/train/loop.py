@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from hpcpipe import faulthooks
 from hpcpipe.config import RunConfig
 from hpcpipe.errors import InputError, SchedulerError
 from hpcpipe.files import write_json
@@ -70,11 +71,16 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, 
     128 + the signal number; inside Slurm, SIGUSR2 checkpoints and requeues the job.
     """
     env = dist.setup()
-    signals = SIGNALS.install()  # jobs/train.py installed it already
+    # jobs/train.py installs the handlers first thing and keeps them until the process exits: a
+    # USR2 that comes after the last step (Slurm's warning while predictions are written) must
+    # not kill a run that has finished. Called in-process (tests), the loop cleans up after itself.
+    owner = not SIGNALS.installed
+    signals = SIGNALS.install()
     try:
         return _train(layout, cfg, metrics, env, signals)
     finally:
-        signals.uninstall()
+        if owner:
+            signals.uninstall()
         dist.teardown()
 
 
@@ -201,6 +207,7 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
     baseline_smape = min(val_baselines["baseline_same_smape"],
                          val_baselines["baseline_roll4_smape"])
     train_samples, train_seconds = 0, 0.0
+    step_delay_s = faulthooks.delay_s(faulthooks.STEP_DELAY_ENV)
 
     # ---- loop ---------------------------------------------------------------------------
     while epoch < t.epochs:
@@ -236,6 +243,8 @@ def _train(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter, env: dist.
             global_step += 1
             step_in_epoch += 1
             bar.update(1)
+            if step_delay_s:
+                time.sleep(step_delay_s)  # a test hook (hpcpipe/faulthooks.py)
 
             if global_step % t.log_every == 0:
                 loss_sum, seen, tokens_seen, wait = dist.all_reduce_sum(

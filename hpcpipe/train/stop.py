@@ -22,9 +22,14 @@ class StopSignals:
         self.term = False
         self._previous: dict[int, Any] = {}
 
+    @property
+    def installed(self) -> bool:
+        return bool(self._previous)
+
     def install(self) -> StopSignals:
-        """Catch the signals from now on (a second call changes nothing)."""
+        """Catch the signals from now on, with cleared flags (a second call changes nothing)."""
         if not self._previous:
+            self.usr2 = self.term = False
             for sig in (signal.SIGUSR2, signal.SIGTERM):
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
