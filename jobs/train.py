@@ -9,4 +9,9 @@ from hpcpipe import train  # noqa: E402
 from hpcpipe.jobmain import main  # noqa: E402
 
 if __name__ == "__main__":
-    main("train", train.run)
+    try:
+        main("train", train.run)
+    finally:
+        # The step is over (done, failed or requeued): a warning now must not kill the process
+        # while it exits, which would turn a finished job into one killed by a signal.
+        SIGNALS.ignore_warnings()

@@ -72,6 +72,8 @@ def test_slurm_time_limits_in_seconds(limit: str, seconds: int) -> None:
 def test_signal_seconds_fit_the_time_limit_or_no_limit() -> None:
     assert load_config(None, ["train.time=6", "train.signal_seconds=300"]).train.time == "6"
     assert load_config(None, ["train.time=0"]).train.signal_seconds == 300  # 0: no time limit
+    # `submit --time 5 --steps ingest,features` sets train.time too; no train job, no refusal
+    assert load_config(None, ["steps=[ingest,features]", "train.time=5"]).train.time == "5"
 
 
 def test_newline_in_setup_line_is_refused() -> None:

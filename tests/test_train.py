@@ -412,6 +412,7 @@ def test_usr2_after_training_finished_does_not_kill_the_job(dataset: Path, tiny_
     late = ("import os, runpy, signal, sys, time\n"
             f"sys.argv = ['train.py', '--run-dir', {str(layout.root)!r}]\n"
             f"runpy.run_path({str(REPO / 'jobs' / 'train.py')!r}, run_name='__main__')\n"
+            "print('USR2 ignored:', signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)\n"
             "os.kill(os.getpid(), signal.SIGUSR2)\n"
             "time.sleep(0.5)\n"
             "print('still alive after USR2')\n")
@@ -420,6 +421,8 @@ def test_usr2_after_training_finished_does_not_kill_the_job(dataset: Path, tiny_
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "step train finished" in out and "still alive after USR2" in out, out[-3000:]
+    # ignored, not merely caught: Python resets the handlers it owns while it exits
+    assert "USR2 ignored: True" in out, out[-3000:]
 
 
 def test_rank_and_rendezvous_from_slurm_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -40,6 +40,13 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def ignore_warnings(self) -> None:
+        """From now on USR2 does nothing: for a step that is over. (At exit Python gives the
+        signals it handles back to their default action, which for USR2 is to die; an ignored
+        signal stays ignored.)"""
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+        self._previous.pop(signal.SIGUSR2, None)
+
     def _handle(self, signum: int, frame: Any) -> None:
         if signum == signal.SIGUSR2:
             self.usr2 = True
