@@ -1,12 +1,14 @@
 """Benchmark of the features step against DuckDB on one machine.
 
     python bench/bench_features.py [--reviews 31800000] [--data-dir bench/data]
+                                   [--format parquet|jsonl.gz|jsonl]
 
 Steps (each timed in its own subprocess, whose process tree's memory is sampled from /proc):
-1. synthesize the reviews with ``hpcpipe.synth.write_synthetic`` (reused when present);
+1. synthesize the reviews with ``hpcpipe.synth.write_synthetic`` in ``--format`` (parquet by
+   default; jsonl.gz is how Amazon Reviews'23 is distributed), reused when present;
 2. ingest them with ``hpcpipe.ingest.ingest`` (reused when its manifest is present);
 3. DuckDB reading the raw reviews and rewriting them into 64 hash buckets of parent_asin
-   (the cost of merely reshuffling the data once, for scale);
+   (the cost of merely reading and reshuffling the data once: ingest's yardstick);
 4. the features step (``hpcpipe.features.build_features`` with its own LocalCluster);
 5. the same feature definitions as one DuckDB statement over the same ingested files;
 6. a value-for-value comparison of 4 and 5 (in DuckDB: a full outer join on parent_asin and week).
@@ -51,7 +53,7 @@ FLOAT_COLUMNS = ("mean_rating", "rating_std", "share_5", "share_1", "verified_sh
 def phase_synth(a: argparse.Namespace) -> dict[str, Any]:
     from hpcpipe.synth import write_synthetic
 
-    return write_synthetic(Path(a.raw), a.reviews, seed=0, fmt="parquet")
+    return write_synthetic(Path(a.raw), a.reviews, seed=0, fmt=a.format)
 
 
 def phase_ingest(a: argparse.Namespace) -> dict[str, Any]:
@@ -59,7 +61,8 @@ def phase_ingest(a: argparse.Namespace) -> dict[str, Any]:
     from hpcpipe.ingest import ingest
 
     raw = Path(a.raw)
-    return ingest([raw / "reviews.parquet"], raw / "meta.parquet", Path(a.ingest), IngestConfig())
+    return ingest([raw / f"reviews.{a.format}"], raw / f"meta.{a.format}", Path(a.ingest),
+                  IngestConfig())
 
 
 def phase_duckdb_rewrite(a: argparse.Namespace) -> dict[str, Any]:
@@ -67,9 +70,11 @@ def phase_duckdb_rewrite(a: argparse.Namespace) -> dict[str, Any]:
 
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)
-    src = str(Path(a.raw) / "reviews.parquet")
+    src = str(Path(a.raw) / f"reviews.{a.format}")
+    read = f"read_parquet('{src}')" if a.format == "parquet" else \
+        f"read_json('{src}', format='newline_delimited')"
     with duckdb.connect() as con:
-        con.sql(f"""COPY (SELECT *, hash(parent_asin) % 64 AS bucket FROM read_parquet('{src}'))
+        con.sql(f"""COPY (SELECT *, hash(parent_asin) % 64 AS bucket FROM {read})
                     TO '{out}' (FORMAT parquet, PARTITION_BY (bucket))""")
     return {}
 
@@ -220,6 +225,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reviews", type=int, default=31_800_000, help="reviews to synthesize")
     p.add_argument("--data-dir", type=Path, default=HERE / "data", help="where data goes")
+    p.add_argument("--format", choices=("parquet", "jsonl.gz", "jsonl"), default="parquet",
+                   help="format of the raw reviews (default parquet)")
     p.add_argument("--skip-rewrite", action="store_true", help="skip the DuckDB rewrite timing")
     p.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
@@ -235,24 +242,26 @@ def main() -> None:
 
     n = a.reviews
     data = a.data_dir.resolve()
-    raw, ingest = data / f"raw-{n}", data / f"ingest-{n}"
+    tag = n if a.format == "parquet" else f"{n}-{a.format}"
+    raw, ingest = data / f"raw-{tag}", data / f"ingest-{tag}"
     feats, duck = data / f"features-{n}", data / f"duckdb-features-{n}.parquet"
-    buckets, logs = data / f"duckdb-buckets-{n}", data / f"logs-{n}"
+    buckets, logs = data / f"duckdb-buckets-{tag}", data / f"logs-{tag}"
     logs.mkdir(parents=True, exist_ok=True)
-    report: dict[str, Any] = {"reviews": n, "machine": {
+    fmt = ["--format", a.format]
+    report: dict[str, Any] = {"reviews": n, "format": a.format, "machine": {
         "cpus_usable": len(os.sched_getaffinity(0)), "cpus": os.cpu_count(),
         "memory_bytes": PAGE * os.sysconf("SC_PHYS_PAGES"), "node": os.uname().nodename}}
 
-    if not ((raw / "reviews.parquet").is_file() and (raw / "meta.parquet").is_file()):
-        report["synth"] = run_phase("synth", ["--reviews", str(n), "--raw", str(raw)],
+    if not ((raw / f"reviews.{a.format}").is_file() and (raw / f"meta.{a.format}").is_file()):
+        report["synth"] = run_phase("synth", ["--reviews", str(n), "--raw", str(raw), *fmt],
                                     logs / "synth.log")
     if not (ingest / "manifest.json").is_file():
-        report["ingest"] = run_phase("ingest", ["--raw", str(raw), "--ingest", str(ingest)],
+        report["ingest"] = run_phase("ingest", ["--raw", str(raw), "--ingest", str(ingest), *fmt],
                                      logs / "ingest.log")
     rows_in = json.loads((ingest / "manifest.json").read_text())["rows_out"]
     if not a.skip_rewrite:
         report["duckdb_rewrite"] = run_phase("duckdb_rewrite", ["--raw", str(raw), "--out",
-                                                                str(buckets)],
+                                                                str(buckets), *fmt],
                                              logs / "duckdb_rewrite.log")
         shutil.rmtree(buckets, ignore_errors=True)
     report["features"] = run_phase("features", ["--ingest", str(ingest), "--out", str(feats)],
@@ -276,7 +285,11 @@ def main() -> None:
         "peak_memory_within_8GB": f["peak_tree_rss_bytes"] <= 8e9,
         "outputs_agree": report["compare"]["agree"],
     }
-    (data / f"bench-{n}.json").write_text(json.dumps(report, indent=2, default=str))
+    if "ingest" in report and "duckdb_rewrite" in report:
+        i, r = report["ingest"]["wall_s"], report["duckdb_rewrite"]["wall_s"]
+        report["ratios"]["wall_ingest_over_duckdb_rewrite"] = round(i / r, 3)
+        report["targets"]["ingest_within_2x_duckdb_rewrite"] = i <= 2 * r
+    (data / f"bench-{tag}.json").write_text(json.dumps(report, indent=2, default=str))
 
     print(f"\n{n:,} reviews ({rows_in:,} after ingest), {report['machine']['cpus_usable']} usable "
           f"CPUs, {report['machine']['memory_bytes'] / 2**30:.0f} GiB")
