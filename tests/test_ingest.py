@@ -17,7 +17,7 @@ import pytest
 
 from hpcpipe.config import IngestConfig, RunConfig
 from hpcpipe.errors import InputError
-from hpcpipe.ingest import REASON_SECONDS, bucket_of, ingest, run
+from hpcpipe.ingest import REASON_SECONDS, _bucket_count, bucket_of, ingest, run
 from hpcpipe.layout import RunLayout
 from hpcpipe.metrics import MetricsWriter, read_metrics
 from hpcpipe.synth import write_synthetic
@@ -112,6 +112,37 @@ def test_parquet_input_matches_jsonl_input(tmp_path):
     for b in range(3):
         rel = f"reviews/bucket={b:05d}/part-0.parquet"
         assert pq.read_table(tmp_path / "out_p" / rel).equals(pq.read_table(tmp_path / "out_j" / rel))
+
+
+@pytest.mark.parametrize(("valid", "guessed", "target", "want"), [
+    (3_000_000, 7, 500_000, 7),  # a 0.07% overestimate: 428k rows per bucket, kept
+    (3_000_000, 6, 500_000, 6),
+    (3_000_000, 9, 500_000, 6),  # 333k per bucket: too far off, recounted
+    (3_000_000, 4, 500_000, 6),  # 750k per bucket
+    (100, 3, 500_000, 1),
+])
+def test_a_bucket_estimate_is_kept_unless_its_buckets_are_far_off_the_target(
+        valid, guessed, target, want):
+    assert _bucket_count(valid, guessed, target) == want
+
+
+def test_an_estimate_far_off_the_valid_rows_is_redistributed_to_the_exact_count(tmp_path,
+                                                                                 caplog):
+    # 5000 lines -> 5 buckets expected; 3000 are refused, so 2000 valid rows need 2.
+    lines = [review(i, rating=9.0 if i % 5 < 3 else 4.0) for i in range(5000)]
+    write_lines(tmp_path / "r.jsonl", lines)
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    with caplog.at_level("INFO", logger="hpcpipe.ingest"):
+        m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg(1_000))
+    assert "2000 valid rows need 2 buckets, not the 5 estimated" in caplog.text, caplog.text
+    assert m["n_buckets"] == 2 and m["rows_out"] == 2000 and m["quarantined"] == 3000
+    total = 0
+    for b in range(2):
+        t = pq.read_table(tmp_path / "out" / "reviews" / f"bucket={b:05d}" / "part-0.parquet")
+        assert (bucket_of(t.column("parent_asin"), 2) == b).all()
+        total += t.num_rows
+    assert total == 2000
+    assert not (tmp_path / "out" / "reviews" / "bucket=00002").exists()
 
 
 def test_bad_rows_are_quarantined_with_reasons(tmp_path):
