@@ -46,9 +46,13 @@ def resources(cfg: RunConfig, step: str) -> StepResources:
         c = cfg.features
         if c.nodes == 1:
             return StepResources(1, 1, c.cpus, c.time, c.mem)
-        # SLURMRunner: rank 0 scheduler, rank 1 client, the other ranks workers; two tasks per
-        # node so every node runs workers once scheduler and client have their places.
-        return StepResources(c.nodes, 2, max(1, -(-c.cpus // (2 * c.nodes))), c.time, c.mem)
+        # SLURMRunner: one Dask process per task; rank 0 is the scheduler, rank 1 the client,
+        # the others workers of threads_per_worker threads each. So a task per worker: the
+        # scheduler and client then hold 2 tasks' CPUs, not half of the first node.
+        per_node = -(-c.cpus // c.nodes)
+        threads = min(c.threads_per_worker, per_node)
+        tasks = max(2, per_node // threads)
+        return StepResources(c.nodes, tasks, max(1, per_node // tasks), c.time, c.mem)
     if step == "train":
         t = cfg.train
         nodes, per_node = train_nodes(t)

@@ -37,6 +37,20 @@ def test_train_script_asks_for_ddp_layout_signal_and_requeue(tmp_path: Path) -> 
     assert f"--output={tmp_path}/logs/run-1/train-%j.out" in text
 
 
+@pytest.mark.parametrize(("overrides", "tasks", "cpus"), [
+    (["features.cpus=64", "features.nodes=2"], 32, 1),
+    (["features.cpus=64", "features.nodes=2", "features.threads_per_worker=4"], 8, 4),
+    (["features.cpus=4", "features.nodes=2"], 2, 1),
+    (["features.cpus=2", "features.nodes=2"], 2, 1),
+    (["features.cpus=32"], 1, 32),
+])
+def test_features_asks_for_a_task_per_dask_process_on_several_nodes(
+        tmp_path: Path, overrides: list[str], tasks: int, cpus: int) -> None:
+    lines = _render(tmp_path, "features", overrides).splitlines()
+    assert f"#SBATCH --ntasks-per-node={tasks}" in lines
+    assert f"#SBATCH --cpus-per-task={cpus}" in lines
+
+
 def test_local_scripts_start_the_step_without_srun(tmp_path: Path) -> None:
     text = _render(tmp_path, "train", [], LocalBackend(tmp_path))
     assert "srun" not in text.split("set -eo pipefail", 1)[1]
