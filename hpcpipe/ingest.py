@@ -49,6 +49,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 import pyarrow.parquet as pq
+from isal import igzip, isal_zlib
 
 from hpcpipe.config import DataConfig, IngestConfig, RunConfig
 from hpcpipe.errors import InputError
@@ -398,7 +399,8 @@ def _bad_parquet(path: Path, exc: BaseException) -> InputError:
 def _open_json(path: Path) -> io.BufferedIOBase:
     _, gz = _kind(path)
     if gz:
-        return gzip.GzipFile(path, "rb")  # type: ignore[return-value]
+        # ISA-L's inflate: the same gzip format and errors, 2-3x the speed of zlib's.
+        return igzip.IGzipFile(path, "rb")  # type: ignore[return-value]
     return open(path, "rb")  # noqa: SIM115 (the caller closes it)
 
 
@@ -563,7 +565,7 @@ def _json_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
     def read() -> bytes:
         try:
             return f.read(BLOCK_BYTES)
-        except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile) as exc:
             raise _truncated(path, exc) from None
 
     try:
