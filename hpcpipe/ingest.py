@@ -79,6 +79,10 @@ JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 BLOCK_BYTES = 32 << 20
 PARQUET_BATCH_ROWS = 1 << 20
 _SPILL_COMPRESSION = "lz4"  # spill is read back once, soon: cheap to write and read
+#: A chunk's rows of one bucket are few (a 32 MB block over 64 buckets: ~1,500 rows); they are
+#: buffered and written together once this many bytes wait, in row groups ~10x larger. Each
+#: row group costs fixed work, and at 31.8M reviews the small ones cost a tenth of the ingest.
+SPILL_BUFFER_BYTES = 256 << 20
 RAW_CHARS = 500
 #: Seconds since 1990 up to now: a timestamp in this range (as seconds) is not milliseconds.
 _SECONDS_FLOOR = 631_152_000
@@ -863,13 +867,16 @@ def _to_output(t: pa.Table, rows: np.ndarray) -> pa.Table:
 
 
 class _Spill:
-    """One parquet file per bucket, appended to chunk by chunk (lz4, many row groups)."""
+    """One parquet file per bucket, appended to in row groups of buffered rows (lz4, no
+    dictionaries or statistics: read back whole, once)."""
 
     def __init__(self, folder: Path, n_buckets: int) -> None:
         self.folder = folder / f"n{n_buckets}"
         self.folder.mkdir(parents=True)
         self.n_buckets = n_buckets
         self.writers: dict[int, pq.ParquetWriter] = {}
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.pending_bytes = 0
 
     def path(self, b: int) -> Path:
         return self.folder / f"{b:05d}.parquet"
@@ -877,23 +884,35 @@ class _Spill:
     def add(self, table: pa.Table) -> None:
         buckets = bucket_of(table.column("parent_asin"), self.n_buckets)
         if self.n_buckets == 1:
-            self._write(0, table)
+            self._buffer(0, table)
             return
         order = np.argsort(buckets, kind="stable")
         table = table.take(pa.array(order))
         bounds = np.searchsorted(buckets[order], np.arange(self.n_buckets + 1))
         for b in range(self.n_buckets):
             if bounds[b + 1] > bounds[b]:
-                self._write(b, table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+                self._buffer(b, table.slice(bounds[b], bounds[b + 1] - bounds[b]))
 
-    def _write(self, b: int, table: pa.Table) -> None:
-        w = self.writers.get(b)
-        if w is None:
-            w = self.writers[b] = pq.ParquetWriter(self.path(b), _SPILL_SCHEMA,
-                                                   compression=_SPILL_COMPRESSION)
-        w.write_table(table)
+    def _buffer(self, b: int, table: pa.Table) -> None:
+        self.pending.setdefault(b, []).append(table)
+        self.pending_bytes += table.nbytes
+        if self.pending_bytes >= SPILL_BUFFER_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write every bucket's buffered rows (input order kept within a bucket)."""
+        for b, parts in sorted(self.pending.items()):
+            w = self.writers.get(b)
+            if w is None:
+                w = self.writers[b] = pq.ParquetWriter(
+                    self.path(b), _SPILL_SCHEMA, compression=_SPILL_COMPRESSION,
+                    use_dictionary=False, write_statistics=False)
+            w.write_table(pa.concat_tables(parts))
+        self.pending.clear()
+        self.pending_bytes = 0
 
     def close(self) -> None:
+        self.flush()
         for w in self.writers.values():
             w.close()
         self.writers.clear()

@@ -145,6 +145,20 @@ def test_an_estimate_far_off_the_valid_rows_is_redistributed_to_the_exact_count(
     assert not (tmp_path / "out" / "reviews" / "bucket=00002").exists()
 
 
+def test_spill_flushed_after_every_slice_gives_the_same_output(tmp_path, monkeypatch):
+    import hpcpipe.ingest as ingest_module
+
+    write_synthetic(tmp_path / "j", 8_000, seed=3, fmt="jsonl")
+    paths = ([tmp_path / "j" / "reviews.jsonl"], tmp_path / "j" / "meta.jsonl")
+    whole = ingest(*paths, tmp_path / "whole", cfg(3_000))
+    monkeypatch.setattr(ingest_module, "SPILL_BUFFER_BYTES", 1)
+    flushed = ingest(*paths, tmp_path / "flushed", cfg(3_000))
+    assert whole["n_buckets"] == flushed["n_buckets"] == 3
+    for b in range(3):
+        rel = f"reviews/bucket={b:05d}/part-0.parquet"
+        assert pq.read_table(tmp_path / "whole" / rel).equals(pq.read_table(tmp_path / "flushed" / rel))
+
+
 def test_bad_rows_are_quarantined_with_reasons(tmp_path):
     future = int((time.time() + 30 * 86400) * 1000)
     lines = [review(i) for i in range(60)] + [
