@@ -409,10 +409,11 @@ def validate(cfg: RunConfig) -> None:
     if t.num_workers < 0 or t.signal_seconds < 0 or t.warmup_steps < 0 or t.train_weeks < 0:
         raise ConfigError("train.num_workers, signal_seconds, warmup_steps and train_weeks "
                           "must not be negative")
-    if "train" in cfg.steps and 0 < time_limit_seconds(t.time) <= t.signal_seconds:
+    limit_s = time_limit_seconds(t.time)
+    if "train" in cfg.steps and 0 < limit_s <= t.signal_seconds:
         raise ConfigError(
             f"train.signal_seconds={t.signal_seconds} is not less than train.time={t.time} "
-            f"({time_limit_seconds(t.time)} s): the warning to checkpoint and requeue would come "
+            f"({limit_s} s): the warning to checkpoint and requeue would come "
             "as soon as the job starts, every time. Raise train.time or lower "
             "train.signal_seconds (Slurm may send it up to 60 s early)")
     if t.lr <= 0 or t.encoder_lr < 0:

@@ -237,13 +237,14 @@ def cancel(run: Run, step: str | None) -> list[str]:
         raise RunError(f"run {run.run_id} has no step '{step}' (it has {', '.join(run.steps())})")
     with _lock(run, "cancel"):
         refresh(run)
-        ids = [r["job_id"] for s in steps for r in run.jobs(s) if is_active(r)]
+        active = [r for s in steps for r in run.jobs(s) if is_active(r)]
+        ids = [r["job_id"] for r in active]
         if ids:
             get_backend(run.backend_name, run.layout.root).cancel(ids)
             # sacct names the canceller only sometimes ("CANCELLED" or "CANCELLED by 0"), and a
             # job cancelled while pending can look like Slurm's own DependencyNeverSatisfied:
             # hpcpipe knows who cancelled, so it says so.
-            for rec in (r for s in steps for r in run.jobs(s) if r["job_id"] in ids):
+            for rec in active:
                 rec["cancelled_by"] = user_name()
             run.event(f"cancelled {', '.join(ids)}")
             run.save()
