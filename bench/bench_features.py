@@ -4,12 +4,12 @@
                                    [--format parquet|jsonl.gz|jsonl]
 
 Steps (each timed in its own subprocess, whose process tree's memory is sampled from /proc):
-1. synthesize the reviews with ``hpcpipe.synth.write_synthetic`` in ``--format`` (parquet by
+1. synthesize the reviews with ``hpcpipe.steps.synth.write_synthetic`` in ``--format`` (parquet by
    default; jsonl.gz is how Amazon Reviews'23 is distributed), reused when present;
-2. ingest them with ``hpcpipe.ingest.ingest`` (reused when its manifest is present);
+2. ingest them with ``hpcpipe.steps.ingest.ingest`` (reused when its manifest is present);
 3. DuckDB reading the raw reviews and rewriting them into 64 hash buckets of parent_asin
    (the cost of merely reading and reshuffling the data once: ingest's yardstick);
-4. the features step (``hpcpipe.features.build_features`` with its own LocalCluster);
+4. the features step (``hpcpipe.steps.features.build_features`` with its own LocalCluster);
 5. the same feature definitions as one DuckDB statement over the same ingested files;
 6. a value-for-value comparison of 4 and 5 (in DuckDB: a full outer join on parent_asin and week).
 
@@ -51,14 +51,14 @@ FLOAT_COLUMNS = ("mean_rating", "rating_std", "share_5", "share_1", "verified_sh
 
 
 def phase_synth(a: argparse.Namespace) -> dict[str, Any]:
-    from hpcpipe.synth import write_synthetic
+    from hpcpipe.steps.synth import write_synthetic
 
     return write_synthetic(Path(a.raw), a.reviews, seed=0, fmt=a.format)
 
 
 def phase_ingest(a: argparse.Namespace) -> dict[str, Any]:
     from hpcpipe.config import IngestConfig
-    from hpcpipe.ingest import ingest
+    from hpcpipe.steps.ingest import ingest
 
     raw = Path(a.raw)
     return ingest([raw / f"reviews.{a.format}"], raw / f"meta.{a.format}", Path(a.ingest),
@@ -81,7 +81,7 @@ def phase_duckdb_rewrite(a: argparse.Namespace) -> dict[str, Any]:
 
 def phase_features(a: argparse.Namespace) -> dict[str, Any]:
     from hpcpipe.config import FeaturesConfig
-    from hpcpipe.features import build_features
+    from hpcpipe.steps.features import build_features
 
     out = Path(a.out)
     shutil.rmtree(out, ignore_errors=True)

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
 
 SCHEDULER_COMMANDS = ("sbatch", "squeue", "sacct", "scancel", "scontrol", "sinfo")
 

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
 
 TRACEBACK = (
     'Traceback (most recent call last):\n'
@@ -51,7 +51,7 @@ def progress_line(epoch: int, steps: int = 400) -> bytes:
 
 
 def write_log(path: Path, size: int) -> None:
-    info = (b"2026-11-21 21:41:02,287 [train] INFO hpcpipe.train.loop: epoch done, val_smape=0.4123"
+    info = (b"2026-11-21 21:41:02,287 [train] INFO hpcpipe.steps.train.loop: epoch done, val_smape=0.4123"
             b" samples_per_s=812.5\n")
     with open(path, "wb") as f:
         f.write(b"2026-11-21 21:40:00,001 [train] INFO hpcpipe.jobs.train: step train of run "

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from hpcpipe.config import TrainConfig
-from hpcpipe.train import data
-from hpcpipe.train.loop import loss_fn
-from hpcpipe.train.model import (
+from hpcpipe.steps.train import data
+from hpcpipe.steps.train.loop import loss_fn
+from hpcpipe.steps.train.model import (
     autocast,
     autocast_dtype,
     build_model,

@@ -19,7 +19,6 @@ import click
 from hpcpipe.errors import HpcpipeError
 
 STEP_NAMES = ("ingest", "features", "train")
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class _Group(click.Group):
@@ -44,7 +43,7 @@ def runs_dir_option(fn: Callable) -> Callable:
 
 
 def _open_run(runs_dir: Path, run: str | None):  # noqa: ANN202 - Run, imported lazily
-    from hpcpipe.run import Run
+    from hpcpipe.run.folder import Run
 
     return Run.open(runs_dir, run)
 
@@ -100,12 +99,12 @@ def submit(cpus: int | None, gpus: int | None, gpus_per_node: int | None, partit
     file, submits every step with `sbatch --parsable`, prints the run id and job ids, and exits.
     Precedence: config file < these options < --set.
     """
-    from hpcpipe import config, pipeline
+    from hpcpipe import config, packaged
+    from hpcpipe.control import pipeline
 
     backend = pipeline.choose_backend(local)
     if config_file is None:
-        default = CONFIGS_DIR / ("local.yaml" if backend == "local" else "default.yaml")
-        config_file = default if default.exists() else None
+        config_file = packaged.default_config(local=backend == "local")
     flags: list[str] = []
     if cpus is not None:
         flags.append(f"features.cpus={cpus}")
@@ -162,8 +161,8 @@ def status(run: str | None, watch: bool, interval: float, as_json: bool, runs_di
     One batched squeue and at most one batched sacct call per refresh; ended jobs are cached
     in the run's state file and need no scheduler call. Works where sacct is disabled.
     """
-    from hpcpipe import pipeline
-    from hpcpipe import status as status_mod
+    from hpcpipe.control import pipeline
+    from hpcpipe.watch import status as status_mod
 
     r = _open_run(runs_dir, run)
     while True:
@@ -186,7 +185,7 @@ def status(run: str | None, watch: bool, interval: float, as_json: bool, runs_di
 @runs_dir_option
 def runs(runs_dir: Path) -> None:
     """List the runs in the runs folder, oldest first, with each step's last known state."""
-    from hpcpipe.run import Run, list_runs
+    from hpcpipe.run.folder import Run, list_runs
 
     found = list_runs(runs_dir)
     if not found:
@@ -212,7 +211,7 @@ def logs(step: str, run: str | None, follow: bool, rank: int | None, pattern: st
 
     Logs are at logs/<run-id>/<step>-<jobid>.out; progress-bar redraws are collapsed.
     """
-    from hpcpipe import logs as logs_mod
+    from hpcpipe.watch import logs as logs_mod
 
     r = _open_run(runs_dir, run)
     try:
@@ -229,7 +228,9 @@ def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
     """Report on RUN (default: the latest): per step state, elapsed, queue wait, CPU efficiency,
     memory, throughput, the training curve against the naive baselines, and a diagnosis of what
     went wrong with the evidence line and the next thing to do. Also written to summary.md."""
-    from hpcpipe import files, pipeline, summary
+    from hpcpipe import files
+    from hpcpipe.control import pipeline
+    from hpcpipe.watch import summary
 
     r = _open_run(runs_dir, run)
     note = pipeline.refresh(r)
@@ -245,7 +246,7 @@ def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
     files.write_text(r.layout.summary, text)
     click.echo(text)
     if plot:
-        from hpcpipe import plot as plot_mod
+        from hpcpipe.watch import plot as plot_mod
 
         click.echo(f"plot: {plot_mod.write_plot(r)}")
 
@@ -266,7 +267,7 @@ def cancel(run_or_step: str | None, step: str | None, runs_dir: Path) -> None:
     hpcpipe cancel train           # the train step of the latest run
     hpcpipe cancel RUN features    # features and train of RUN
     """
-    from hpcpipe import pipeline
+    from hpcpipe.control import pipeline
 
     run = run_or_step
     if run_or_step in STEP_NAMES and step is None:
@@ -290,7 +291,7 @@ def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
           overrides: tuple[str, ...], runs_dir: Path) -> None:
     """Resubmit STEP in RUN's folder (default: the latest run); the step resumes its work
     (features keeps finished buckets, train continues from its last checkpoint)."""
-    from hpcpipe import pipeline
+    from hpcpipe.control import pipeline
 
     r = _open_run(runs_dir, run)
     new = pipeline.rerun(r, step, downstream=downstream, cancel_first=cancel_first,
@@ -305,8 +306,8 @@ def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
 def predict(run: str | None, runs_dir: Path) -> None:
     """Write predictions for the latest week of every product from RUN's best checkpoint
     (to runs/<run-id>/predictions.parquet)."""
-    from hpcpipe.pipeline import load_run_config
-    from hpcpipe.train.predict import predict as do_predict
+    from hpcpipe.control.pipeline import load_run_config
+    from hpcpipe.steps.train.predict import predict as do_predict
 
     r = _open_run(runs_dir, run)
     path = do_predict(r.layout, load_run_config(r))
@@ -334,7 +335,7 @@ def data() -> None:
 def synth(reviews: int, out: Path, seed: int, products: int | None, fmt: str) -> None:
     """Write a synthetic data set in the Amazon Reviews'23 layout: categories in the product
     titles, seasonality by category, launch/decay curves, Zipf popularity. Deterministic."""
-    from hpcpipe.synth import write_synthetic
+    from hpcpipe.steps.synth import write_synthetic
 
     result = write_synthetic(out, reviews, seed=seed, n_products=products, fmt=fmt)
     click.echo(json.dumps(result, indent=2, default=str))

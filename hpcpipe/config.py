@@ -43,6 +43,8 @@ class SlurmConfig:
     setup: list[str] = field(default_factory=list)
     #: Python interpreter that runs the jobs (default: the one running hpcpipe).
     python: str | None = None
+    #: A folder with the site's own ``<step>.sbatch`` templates (default: the shipped ones).
+    templates: str | None = None
 
 
 @dataclass

@@ -1,7 +1,7 @@
-"""Entry point of the features step inside its allocation: `python jobs/features.py --run-dir runs/<id>`."""
+"""Entry of the features step inside its allocation: `python -m hpcpipe.jobs.features --run-dir DIR`."""
 
-from hpcpipe import features
-from hpcpipe.jobmain import main
+from hpcpipe.runtime.entry import main
+from hpcpipe.steps import features
 
 if __name__ == "__main__":
     main("features", features.run)

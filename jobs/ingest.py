@@ -1,7 +1,7 @@
-"""Entry point of the ingest step inside its allocation: `python jobs/ingest.py --run-dir runs/<id>`."""
+"""Entry of the ingest step inside its allocation: `python -m hpcpipe.jobs.ingest --run-dir DIR`."""
 
-from hpcpipe import ingest
-from hpcpipe.jobmain import main
+from hpcpipe.runtime.entry import main
+from hpcpipe.steps import ingest
 
 if __name__ == "__main__":
     main("ingest", ingest.run)

@@ -1,12 +1,12 @@
-"""Entry point of the train step inside its allocation: `python jobs/train.py --run-dir runs/<id>`."""
+"""Entry of the train step inside its allocation: `python -m hpcpipe.jobs.train --run-dir DIR`."""
 
-from hpcpipe.train.stop import SIGNALS
+from hpcpipe.steps.train.stop import SIGNALS
 
 # First, before torch is imported: Slurm's USR2 may arrive while the job is still starting.
 SIGNALS.install()
 
-from hpcpipe import train  # noqa: E402
-from hpcpipe.jobmain import main  # noqa: E402
+from hpcpipe.runtime.entry import main  # noqa: E402
+from hpcpipe.steps import train  # noqa: E402
 
 if __name__ == "__main__":
     try:

@@ -210,7 +210,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
-    from hpcpipe.train.model import default_model_dir, load_tokenizer
+    from hpcpipe.steps.train.model import default_model_dir, load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tok = load_tokenizer(default_model_dir())

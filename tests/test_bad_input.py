@@ -22,7 +22,7 @@ import pytest
 
 from hpcpipe.config import IngestConfig
 from hpcpipe.errors import InputError
-from hpcpipe.ingest import ingest
+from hpcpipe.steps.ingest import ingest
 
 TS = 1_600_000_000_000  # 2020-09-13, in ms
 PRODUCTS = [f"P{i}" for i in range(7)]

@@ -12,9 +12,9 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from hpcpipe.backends.local import LocalBackend
 from hpcpipe.cli import main
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
+from hpcpipe.scheduler.local import LocalBackend
 
 HEAVY = ("torch", "dask", "distributed", "pandas", "pyarrow", "transformers", "numpy")
 
@@ -137,7 +137,7 @@ def test_concurrent_commands_on_one_run_are_refused(tmp_path: Path) -> None:
 
 
 def test_metrics_fields_cannot_overwrite_the_step_name(tmp_path: Path) -> None:
-    from hpcpipe.metrics import MetricsWriter, read_metrics
+    from hpcpipe.run.metrics import MetricsWriter, read_metrics
 
     writer = MetricsWriter(tmp_path / "m.jsonl", "train", job_id="7")
     with pytest.raises(ValueError, match="reserved"):
@@ -149,7 +149,7 @@ def test_metrics_fields_cannot_overwrite_the_step_name(tmp_path: Path) -> None:
 
 
 def test_summarize_plot_writes_a_png_of_the_curves(tmp_path: Path) -> None:
-    from hpcpipe.metrics import MetricsWriter
+    from hpcpipe.run.metrics import MetricsWriter
 
     run = _local_run(tmp_path, "true")
     _wait_done(tmp_path / "runs")

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from hpcpipe.run import Run
-from hpcpipe.scheduler import parse_sacct
-from hpcpipe.summary import build_report, diagnose, scan_log
+from hpcpipe.run.folder import Run
+from hpcpipe.scheduler.slurm import parse_sacct
+from hpcpipe.watch.summary import build_report, diagnose, scan_log
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

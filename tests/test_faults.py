@@ -100,8 +100,8 @@ def test_ingest_killed_between_write_and_rename(tmp_path: Path, target: str) -> 
     file is a complete old or new version, and a rerun gives the same output as a clean run."""
     from hpcpipe.config import IngestConfig
     from hpcpipe.errors import InputError
-    from hpcpipe.features import run as features_run
-    from hpcpipe.ingest import ingest
+    from hpcpipe.steps.features import run as features_run
+    from hpcpipe.steps.ingest import ingest
 
     write_meta(tmp_path / "m.jsonl")
     write_reviews(tmp_path / "r.jsonl", 300)
@@ -113,7 +113,7 @@ def test_ingest_killed_between_write_and_rename(tmp_path: Path, target: str) -> 
 
     code = KILL_AT_RENAME + textwrap.dedent(f"""
         from hpcpipe.config import IngestConfig
-        from hpcpipe.ingest import ingest
+        from hpcpipe.steps.ingest import ingest
         ingest([{str(tmp_path / 'r.jsonl')!r}], {str(tmp_path / 'm.jsonl')!r}, {str(out)!r},
                IngestConfig(target_bucket_rows=100))
     """)
@@ -129,8 +129,8 @@ def test_ingest_killed_between_write_and_rename(tmp_path: Path, target: str) -> 
         tables(out / "reviews")  # every bucket file in place is whole
     layout_root = out.parent
     from hpcpipe.config import RunConfig
-    from hpcpipe.layout import RunLayout
-    from hpcpipe.metrics import MetricsWriter
+    from hpcpipe.run.layout import RunLayout
+    from hpcpipe.run.metrics import MetricsWriter
 
     with pytest.raises(InputError, match="ingest step has not finished"):
         features_run(RunLayout(layout_root), RunConfig(),
@@ -149,7 +149,7 @@ def test_features_killed_between_write_and_rename(tmp_path: Path) -> None:
     second is only a temporary, no manifest; the rerun skips the first and ends equal to a clean
     run."""
     from hpcpipe.config import IngestConfig
-    from hpcpipe.ingest import ingest
+    from hpcpipe.steps.ingest import ingest
 
     write_meta(tmp_path / "m.jsonl")
     write_reviews(tmp_path / "r.jsonl", 600)
@@ -160,7 +160,7 @@ def test_features_killed_between_write_and_rename(tmp_path: Path) -> None:
         from pathlib import Path
         from distributed import Client
         from hpcpipe.config import FeaturesConfig
-        from hpcpipe.features import build_features
+        from hpcpipe.steps.features import build_features
         real = os.replace
         renamed = []
         def replace(src, dst, *a, **k):

@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from hpcpipe import features
 from hpcpipe.config import FeaturesConfig, RunConfig
-from hpcpipe.dask_cluster import plan_workers, slurm_roles
-from hpcpipe.layout import RunLayout
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.runtime.dask_cluster import plan_workers, slurm_roles
+from hpcpipe.steps import features
 
 REPO = Path(__file__).resolve().parents[1]
 DAY_MS = 86_400_000
@@ -185,7 +185,7 @@ def assert_same(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
 
 @pytest.fixture(scope="module")
 def client():
-    # Two workers whatever the machine (open_cluster itself is exercised through jobs/features.py).
+    # Two workers whatever the machine (open_cluster itself is exercised through hpcpipe.jobs.features).
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, memory_limit="2GB",
@@ -297,7 +297,7 @@ def test_week_index_matches_iso_weeks():
 
 def test_done_when_manifest_exists(full_run, client, ingest_dir, caplog):
     out, manifest = full_run
-    with caplog.at_level(logging.INFO, logger="hpcpipe.features"):
+    with caplog.at_level(logging.INFO, logger="hpcpipe.steps.features"):
         again = features.build_features(ingest_dir, out, FeaturesConfig(), client=client,
                                         progress=False)
     assert again == manifest
@@ -317,7 +317,7 @@ def test_rerun_after_losing_buckets_recomputes_only_those(full_run, client, inge
     stray.write_bytes(b"PAR1 torn")
     kept = {b: features.bucket_output(out, b).stat().st_mtime_ns for b in range(12)
             if b not in (2, 5, 11)}
-    with caplog.at_level(logging.INFO, logger="hpcpipe.features"):
+    with caplog.at_level(logging.INFO, logger="hpcpipe.steps.features"):
         manifest = features.build_features(ingest_dir, out, FeaturesConfig(), client=client,
                                            progress=False)
     assert manifest["buckets_skipped"] == 9 and manifest["buckets_done"] == 3
@@ -334,7 +334,7 @@ KILLED_RUN = """
 import sys, time
 from pathlib import Path
 from distributed import Client, LocalCluster
-from hpcpipe import features
+from hpcpipe.steps import features
 from hpcpipe.config import FeaturesConfig
 
 real = features.process_bucket
@@ -398,12 +398,12 @@ def _layout_with_ingest(tmp_path: Path, ingest_dir: Path) -> RunLayout:
 
 
 def test_job_entry_point_writes_summary_and_manifest(tmp_path, ingest_dir, full_run):
-    """jobs/features.py in a one-node allocation of 32 CPUs on (at most) 2 usable CPUs."""
+    """hpcpipe.jobs.features in a one-node allocation of 32 CPUs on (at most) 2 usable CPUs."""
     layout = _layout_with_ingest(tmp_path, ingest_dir)
     cpus = sorted(os.sched_getaffinity(0))[:2]
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update({"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_CPUS_PER_TASK": "32"})
-    proc = subprocess.run([sys.executable, "jobs/features.py", "--run-dir", str(layout.root)],
+    proc = subprocess.run([sys.executable, "-m", "hpcpipe.jobs.features", "--run-dir", str(layout.root)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
                           preexec_fn=lambda: os.sched_setaffinity(0, cpus))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -441,7 +441,7 @@ def test_worker_plan_never_exceeds_usable_cpus(monkeypatch):
 def test_slurm_roles_two_nodes(monkeypatch):
     # 2 nodes x 32 one-CPU tasks on a machine with 2 usable CPUs: 2 workers per node, ranks 0 and
     # 1 (scheduler, client) first on node 1, the other ranks beyond the cap idle.
-    monkeypatch.setattr("hpcpipe.dask_cluster.usable_cpus", lambda: 2)
+    monkeypatch.setattr("hpcpipe.runtime.dask_cluster.usable_cpus", lambda: 2)
     env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "64",
            "SLURM_TASKS_PER_NODE": "32(x2)", "SLURM_CPUS_PER_TASK": "1"}
     for k, v in env.items():
@@ -476,7 +476,7 @@ def test_slurm_roles_two_nodes(monkeypatch):
     assert (plan.workers_per_node, plan.threads_per_worker) == (1, 2)
     assert [r for r in range(4) if role4(r).active] == [0, 1, 2] and role4(0).n_workers == 1
     # With each task bound to its own 8 CPUs of a 64-core node, every task is a worker.
-    monkeypatch.setattr("hpcpipe.dask_cluster.usable_cpus", lambda: 8)
+    monkeypatch.setattr("hpcpipe.runtime.dask_cluster.usable_cpus", lambda: 8)
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     plan = plan_workers(FeaturesConfig())
     assert (plan.workers_per_node, plan.threads_per_worker, plan.per_task_binding) == (2, 8, True)
@@ -486,10 +486,10 @@ def test_slurm_roles_two_nodes(monkeypatch):
 SRUN_TASK = """
 import logging, sys
 from pathlib import Path
-from hpcpipe import features
+from hpcpipe.steps import features
 from hpcpipe.config import RunConfig
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter
 
 logging.basicConfig(level=logging.WARNING, stream=sys.stdout)
 layout = RunLayout(Path(sys.argv[1]))
@@ -534,7 +534,7 @@ def test_two_node_job_on_the_slurm_cluster(slurm_cluster, tmp_path, ingest_dir, 
     layout = _layout_with_ingest(tmp_path, ingest_dir)
     out = tmp_path / "job.out"
     cmd = (f"srun --kill-on-bad-exit=1 --label --cpus-per-task=$SLURM_CPUS_PER_TASK "
-           f"{sys.executable} jobs/features.py --run-dir {layout.root}")
+           f"{sys.executable} -m hpcpipe.jobs.features --run-dir {layout.root}")
     job = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=2", "--cpus-per-task=8",
                                "--time=5", f"--output={out}", "--wrap", cmd, cwd=REPO)
     state = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),

@@ -7,7 +7,7 @@ output, no temporary file is left, and a rerun reuses the buckets the broken job
 
 The faults: ``hpcpipe cancel features`` (scancel), ``kill -9`` of one Dask worker process of the
 job, and the job's Slurm time limit. To land them mid-bucket on a fast kernel, the jobs run with
-the test hook ``HPCPIPE_FAULT_BUCKET_DELAY_S`` (``hpcpipe.faulthooks``): every
+the test hook ``HPCPIPE_FAULT_BUCKET_DELAY_S`` (``hpcpipe.runtime.faulthooks``): every
 bucket waits that long between writing its temporary file and renaming it into place, the
 widest window a real fault can hit. Reruns run without it.
 
@@ -30,8 +30,9 @@ import psutil
 import pytest
 from hpcli import hp
 
-from hpcpipe import faulthooks, features
 from hpcpipe.config import FeaturesConfig
+from hpcpipe.runtime import faulthooks
+from hpcpipe.steps import features
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("time_limited_run")]
 
@@ -255,7 +256,7 @@ def test_kill_9_of_a_dask_worker_loses_nothing(slurm_cluster, client, submit_run
     # name carries the pid of the process that writes it.
     wait_mid_run(sub, slurm_cluster, min_done=2)
     main = [p for p in job_processes(sub.features_job)
-            if any(c.endswith("jobs/features.py") for c in p.cmdline())]
+            if "hpcpipe.jobs.features" in p.cmdline()]
     assert len(main) == 1, "the features job's process was not found"
     workers = {p.pid: p for p in main[0].children()
                if any("spawn_main" in c for c in p.cmdline())}

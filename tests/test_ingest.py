@@ -1,4 +1,4 @@
-"""hpcpipe.ingest on real files in tmp_path: counts, quarantine reasons, whole-input errors."""
+"""hpcpipe.steps.ingest on real files in tmp_path: counts, quarantine reasons, whole-input errors."""
 
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import pytest
 
 from hpcpipe.config import IngestConfig, RunConfig
 from hpcpipe.errors import InputError
-from hpcpipe.ingest import REASON_SECONDS, _bucket_count, bucket_of, ingest, run
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter, read_metrics
-from hpcpipe.synth import write_synthetic
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter, read_metrics
+from hpcpipe.steps.ingest import REASON_SECONDS, _bucket_count, bucket_of, ingest, run
+from hpcpipe.steps.synth import write_synthetic
 
 TS = 1_600_000_000_000  # 2020-09-13, in ms
 
@@ -132,7 +132,7 @@ def test_an_estimate_far_off_the_valid_rows_is_redistributed_to_the_exact_count(
     lines = [review(i, rating=9.0 if i % 5 < 3 else 4.0) for i in range(5000)]
     write_lines(tmp_path / "r.jsonl", lines)
     write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
-    with caplog.at_level("INFO", logger="hpcpipe.ingest"):
+    with caplog.at_level("INFO", logger="hpcpipe.steps.ingest"):
         m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg(1_000))
     assert "2000 valid rows need 2 buckets, not the 5 estimated" in caplog.text, caplog.text
     assert m["n_buckets"] == 2 and m["rows_out"] == 2000 and m["quarantined"] == 3000
@@ -146,7 +146,7 @@ def test_an_estimate_far_off_the_valid_rows_is_redistributed_to_the_exact_count(
 
 
 def test_spill_flushed_after_every_slice_gives_the_same_output(tmp_path, monkeypatch):
-    import hpcpipe.ingest as ingest_module
+    import hpcpipe.steps.ingest as ingest_module
 
     write_synthetic(tmp_path / "j", 8_000, seed=3, fmt="jsonl")
     paths = ([tmp_path / "j" / "reviews.jsonl"], tmp_path / "j" / "meta.jsonl")
@@ -290,7 +290,7 @@ def test_bucket_of_is_stable_across_processes():
     assert (bucket_of(pa.array(ids), 64) == here).all()
     assert (bucket_of(pc.cast(pa.chunked_array([ids[:10], ids[10:]]), pa.string()), 64)
             == here).all()
-    code = ("from hpcpipe.ingest import bucket_of; "
+    code = ("from hpcpipe.steps.ingest import bucket_of; "
             "print(bucket_of([f'B0{i:08d}' for i in range(1000)], 64).tolist())")
     for seed in ("1", "2"):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcpipe.backends.local import LocalBackend
+from hpcpipe.scheduler.local import LocalBackend
 
 
 def _script(tmp_path: Path, name: str, body: str) -> Path:

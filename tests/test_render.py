@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from hpcpipe.backends import LocalBackend, SlurmBackend
 from hpcpipe.config import load_config
+from hpcpipe.control.render import render_step
 from hpcpipe.errors import ConfigError
-from hpcpipe.layout import RunLayout
-from hpcpipe.render import render_step
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.scheduler import LocalBackend, SlurmBackend
 
 HOSTILE = ["; rm -rf /tmp/x", "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "a\nrm -rf ~",
            "x' || touch /tmp/pwned '"]
@@ -60,7 +60,7 @@ def test_setup_lines_go_in_verbatim_and_run_before_the_step(tmp_path: Path) -> N
     text = _render(tmp_path, "features", ["slurm.setup=[module load cuda/12.4, source venv/x]"])
     lines = text.splitlines()
     assert lines.index("module load cuda/12.4") < lines.index("source venv/x") < \
-        next(i for i, line in enumerate(lines) if "jobs/features.py" in line)
+        next(i for i, line in enumerate(lines) if "-m hpcpipe.jobs.features" in line)
 
 
 @pytest.mark.parametrize("value", HOSTILE)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,4 @@
-"""hpcpipe.synth: layout, determinism, structure."""
+"""hpcpipe.steps.synth: layout, determinism, structure."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from hpcpipe.synth import CATEGORIES, write_synthetic
+from hpcpipe.steps.synth import CATEGORIES, write_synthetic
 
 REVIEW_FIELDS = {"rating", "title", "text", "images", "asin", "parent_asin", "user_id",
                  "timestamp", "helpful_vote", "verified_purchase"}

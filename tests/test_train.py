@@ -25,10 +25,10 @@ import torch
 import yaml
 
 from hpcpipe.config import RunConfig, from_dict
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter, read_metrics
-from hpcpipe.train import checkpoint, data, dist, predict
-from hpcpipe.train import run as train_run
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter, read_metrics
+from hpcpipe.steps.train import checkpoint, data, dist, predict
+from hpcpipe.steps.train import run as train_run
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = {  # name: (peak week of year, seasonal amplitude)
@@ -327,9 +327,9 @@ import os, sys
 from pathlib import Path
 import hpcpipe.files
 from hpcpipe.config import load_config
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter
-from hpcpipe.train import run
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.steps.train import run
 real_replace = os.replace
 renames = []
 def replace(src, dst):
@@ -369,7 +369,7 @@ def test_usr2_locally_checkpoints_and_exits_nonzero(dataset: Path, tiny_model: P
     """USR2 mid-training, or while the process still imports torch (a requeued job can get
     Slurm's warning that early): either way a checkpoint at a step boundary, then exit 140."""
     layout, _ = new_run(dataset, tmp_path / "run", tiny_model, epochs=200)
-    proc = subprocess.Popen([sys.executable, "-u", str(REPO / "jobs" / "train.py"), "--run-dir",
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "hpcpipe.jobs.train", "--run-dir",
                              str(layout.root)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=subprocess_env())
     try:
@@ -411,7 +411,7 @@ def test_usr2_after_training_finished_does_not_kill_the_job(dataset: Path, tiny_
     layout, _ = new_run(dataset, tmp_path / "run", tiny_model, epochs=1, max_steps_per_epoch=2)
     late = ("import os, runpy, signal, sys, time\n"
             f"sys.argv = ['train.py', '--run-dir', {str(layout.root)!r}]\n"
-            f"runpy.run_path({str(REPO / 'jobs' / 'train.py')!r}, run_name='__main__')\n"
+            "runpy.run_module('hpcpipe.jobs.train', run_name='__main__')\n"
             "print('USR2 ignored:', signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)\n"
             "os.kill(os.getpid(), signal.SIGUSR2)\n"
             "time.sleep(0.5)\n"
@@ -444,7 +444,7 @@ def test_rank_and_rendezvous_from_slurm_environment(monkeypatch: pytest.MonkeyPa
 
 
 def test_minilm_encodes_products() -> None:
-    from hpcpipe.train.model import build_model, default_model_dir, load_tokenizer, mean_pool
+    from hpcpipe.steps.train.model import build_model, default_model_dir, load_tokenizer, mean_pool
 
     folder = default_model_dir()
     model = build_model(folder, len(data.NUMERIC_NAMES), freeze_encoder=True)

@@ -400,8 +400,58 @@ cmd_status() {
     return $rc
 }
 
+# ---- Slurm 25.11 from source -------------------------------------------------------------------
+SLURM_SRC_TARBALL=${HPCPIPE_SLURM_TARBALL:-/work/shared/slurm/slurm-25.11.7.tar.gz}
+SLURM_SRC_VERSION=25.11.7
+SLURM_PREFIX_2511=/opt/slurm-25.11
+
+built_2511_ok() {
+    [[ -x $SLURM_PREFIX_2511/bin/sbatch && -x $SLURM_PREFIX_2511/sbin/slurmctld ]] || return 1
+    [[ $("$SLURM_PREFIX_2511/bin/sbatch" --version 2>/dev/null) == "slurm $SLURM_SRC_VERSION" ]]
+}
+
+# Builds $SLURM_SRC_TARBALL into $SLURM_PREFIX_2511 once per machine (~6-7 min on 2 cores).
+# It still needs Debian's munge and mariadb-server (ensure_packages) to run a cluster.
+cmd_build_2511() {
+    [[ $EUID -eq 0 ]] || die "build-25.11 must run as root"
+    if built_2511_ok; then
+        say "$SLURM_PREFIX_2511 already holds slurm $SLURM_SRC_VERSION"
+        return 0
+    fi
+    [[ -r $SLURM_SRC_TARBALL ]] || die "no Slurm source tarball at $SLURM_SRC_TARBALL"
+    local t0=$SECONDS pkgs=(build-essential pkg-config python3 libmunge-dev libmariadb-dev
+        libjson-c-dev libhttp-parser-dev libjwt-dev libyaml-dev libdbus-1-dev libpam0g-dev
+        liblz4-dev zlib1g-dev libreadline-dev munge mariadb-server)
+    local p missing=()
+    for p in "${pkgs[@]}"; do
+        [[ $(dpkg-query -W -f '${db:Status-Abbrev}' "$p" 2>/dev/null) == ii* ]] || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+        say "installing build dependencies: ${missing[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pkgs[@]}" >/dev/null
+    fi
+    local src=/var/tmp/slurm-$SLURM_SRC_VERSION-build
+    local log=$src.log
+    rm -rf "$src"
+    mkdir -p "$src"
+    tar xzf "$SLURM_SRC_TARBALL" -C "$src" --strip-components=1
+    say "building slurm $SLURM_SRC_VERSION into $SLURM_PREFIX_2511 (log: $log; ~6-7 min on 2 cores)"
+    (
+        cd "$src"
+        ./configure --prefix="$SLURM_PREFIX_2511" --sysconfdir="$SLURM_PREFIX_2511/etc" \
+            --disable-debug --enable-multiple-slurmd
+        make -j"$(nproc)"
+        make install
+    ) >"$log" 2>&1 || die "build failed, see the end of $log: $(tail -n 5 "$log")"
+    built_2511_ok || die "built, but $SLURM_PREFIX_2511/bin/sbatch does not say slurm $SLURM_SRC_VERSION"
+    rm -rf "$src"
+    say "built slurm $SLURM_SRC_VERSION in $((SECONDS - t0))s"
+}
+
 case ${1:-} in
     install) ensure_packages ;;
+    build-25.11) cmd_build_2511 ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;

@@ -50,12 +50,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from hpcpipe import faulthooks
 from hpcpipe.config import FeaturesConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp, read_json, write_json
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.runtime import faulthooks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -377,7 +377,7 @@ def build_features(
     output exists (and is newer than their input) are skipped; temporaries of a killed run are
     removed. ``out_dir/manifest.json`` is written last; when it exists already the step is complete
     and its contents are returned without computing anything. Without ``client`` a cluster is
-    opened with :func:`hpcpipe.dask_cluster.open_cluster`. With ``metrics`` a ``kind="summary"``
+    opened with :func:`hpcpipe.runtime.dask_cluster.open_cluster`. With ``metrics`` a ``kind="summary"``
     line (rows_in, rows_out, seconds, rows_per_s, peak_worker_memory_bytes, buckets_done,
     buckets_skipped, n_workers) is appended.
     """
@@ -400,7 +400,7 @@ def build_features(
         raise InputError(f"last_week {last_week!r} is not a date YYYY-MM-DD") from None
 
     if client is None:
-        from hpcpipe.dask_cluster import open_cluster
+        from hpcpipe.runtime.dask_cluster import open_cluster
 
         with open_cluster(cfg) as own_client:
             if own_client is None:  # a scheduler/worker rank under SLURMRunner: nothing to do
@@ -508,7 +508,7 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, 
         )
     last_week = read_json(ingest_manifest)["last_week"]
 
-    from hpcpipe.dask_cluster import open_cluster
+    from hpcpipe.runtime.dask_cluster import open_cluster
 
     # A requeued job keeps its id: the restart count keeps the previous attempt's file, which
     # names a dead scheduler, from being read.

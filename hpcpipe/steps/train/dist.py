@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpcpipe.train.stop import StopSignals
+from hpcpipe.steps.train.stop import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def master_addr() -> str:
     nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
     if not nodelist:
         return "127.0.0.1"
-    from hpcpipe import scheduler
+    from hpcpipe.scheduler import slurm as scheduler
 
     first = scheduler.call(["scontrol", "show", "hostnames", nodelist]).split()[0]
     try:
@@ -154,7 +154,7 @@ def all_gather_object(env: DistEnv, obj: Any) -> list[Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Stop signals (the flags live in hpcpipe.train.stop): the ranks agree on them at a step boundary.
+# Stop signals (the flags live in hpcpipe.steps.train.stop): the ranks agree on them at a step boundary.
 
 
 def agreed_stop(env: DistEnv, signals: StopSignals) -> tuple[bool, bool]:
@@ -173,7 +173,7 @@ def requeue(job_id: str) -> None:
 
     Kept as one small function so the scheduler integration can be swapped in one place.
     """
-    from hpcpipe import scheduler
+    from hpcpipe.scheduler import slurm as scheduler
 
     scheduler.requeue(job_id)
 

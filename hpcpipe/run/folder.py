@@ -21,8 +21,8 @@ from typing import Any
 from hpcpipe import files
 from hpcpipe.config import STEPS
 from hpcpipe.errors import RunError
-from hpcpipe.layout import RunLayout
-from hpcpipe.scheduler import TERMINAL_STATES, JobInfo
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.scheduler.slurm import TERMINAL_STATES, JobInfo
 
 STATE_VERSION = 1
 

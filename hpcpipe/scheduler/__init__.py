@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcpipe.backends.base import Backend
-from hpcpipe.backends.local import LocalBackend
-from hpcpipe.backends.slurm import SlurmBackend
+from hpcpipe.scheduler.base import Backend
+from hpcpipe.scheduler.local import LocalBackend
+from hpcpipe.scheduler.slurm_backend import SlurmBackend
 
 BACKENDS: dict[str, type[Backend]] = {"slurm": SlurmBackend, "local": LocalBackend}
 

@@ -54,8 +54,8 @@ from isal import igzip, isal_zlib
 from hpcpipe.config import DataConfig, IngestConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, read_json, temp_name, write_json
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def synthesize_once(raw_dir: Path, data: DataConfig) -> dict[str, Any]:
     A marker ``raw_dir/synth.json`` (written after both files) records what was made; if it
     matches and the files exist, they are reused. Returns the dict of ``synth.write_synthetic``.
     """
-    from hpcpipe import synth
+    from hpcpipe.steps import synth
 
     raw_dir = Path(raw_dir)
     marker = raw_dir / "synth.json"

@@ -1,6 +1,6 @@
 """Jobs on this machine, with no scheduler: the embedded default.
 
-Each submitted step becomes a detached runner process (``python -m hpcpipe.backends.local``) that
+Each submitted step becomes a detached runner process (``python -m hpcpipe.scheduler.local``) that
 waits for its dependencies, then runs the very same rendered step script with bash, writing its log
 where Slurm would and its state to ``<run>/local/<job-id>.json``. ``submit`` returns at once and
 status, logs, cancel and rerun work as they do on Slurm.
@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from hpcpipe import files
-from hpcpipe.backends.base import Backend
-from hpcpipe.scheduler import TERMINAL_STATES, JobInfo
+from hpcpipe.scheduler.base import Backend
+from hpcpipe.scheduler.slurm import TERMINAL_STATES, JobInfo
 from hpcpipe.users import user_name
 
 POLL_S = 0.5
@@ -67,7 +67,7 @@ class LocalBackend(Backend):
         return ""
 
     def _runner_cmd(self, script: Path, depends_on: list[str]) -> list[str]:
-        cmd = [sys.executable, "-m", "hpcpipe.backends.local", "--script", str(script),
+        cmd = [sys.executable, "-m", "hpcpipe.scheduler.local", "--script", str(script),
                "--jobs-dir", str(self.jobs_dir)]
         for dep in depends_on:
             cmd += ["--after", dep]

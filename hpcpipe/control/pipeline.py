@@ -15,14 +15,16 @@ from pathlib import Path
 
 import yaml
 
-from hpcpipe import files, render, scheduler
-from hpcpipe.backends import get_backend
-from hpcpipe.backends.base import Backend
+from hpcpipe import files
 from hpcpipe.config import STEPS, RunConfig, check_paths, load_config
+from hpcpipe.control import render
 from hpcpipe.errors import ConfigError, RunError, SchedulerError, SubmissionError
-from hpcpipe.layout import RunLayout
-from hpcpipe.run import Run, new_run_id
-from hpcpipe.scheduler import TERMINAL_STATES
+from hpcpipe.run.folder import Run, new_run_id
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.scheduler import get_backend
+from hpcpipe.scheduler import slurm as scheduler
+from hpcpipe.scheduler.base import Backend
+from hpcpipe.scheduler.slurm import TERMINAL_STATES
 from hpcpipe.users import user_name
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcpipe.config import RunConfig
-from hpcpipe.scheduler import JobInfo
+from hpcpipe.scheduler.slurm import JobInfo
 
 
 class Backend:

@@ -216,7 +216,7 @@ def product_embeddings(train_dir: Path, folder: Path, tokens, model: Forecaster,
 
     Computed in fp32 (TF32 on CUDA), so the cache does not depend on the training precision.
     """
-    from hpcpipe.train import data
+    from hpcpipe.steps.train import data
 
     encoder = model.encoder
 

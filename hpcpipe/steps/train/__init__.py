@@ -1,7 +1,7 @@
 """The train step: a text + numeric-features forecaster trained with torch DDP.
 
 ``run(layout, cfg, metrics)`` is the step's entry point (once per rank, see ``loop.py``);
-``hpcpipe.train.predict.predict(layout, cfg)`` writes predictions from a finished run. torch and
+``hpcpipe.steps.train.predict.predict(layout, cfg)`` writes predictions from a finished run. torch and
 transformers are imported only when one of them is called, so importing this package is cheap.
 """
 
@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from hpcpipe.config import RunConfig
-    from hpcpipe.layout import RunLayout
-    from hpcpipe.metrics import MetricsWriter
+    from hpcpipe.run.layout import RunLayout
+    from hpcpipe.run.metrics import MetricsWriter
 
 __all__ = ["run"]
 
 
 def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, Any] | None:
     """Train on the run's features (resuming if a checkpoint exists) and write predictions."""
-    from hpcpipe.train.loop import run as run_training
+    from hpcpipe.steps.train.loop import run as run_training
 
     return run_training(layout, cfg, metrics)

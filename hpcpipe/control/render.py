@@ -14,14 +14,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpcpipe.backends.base import Backend
+from hpcpipe import packaged
 from hpcpipe.config import RunConfig, train_nodes
 from hpcpipe.errors import ConfigError
-from hpcpipe.layout import RunLayout
-
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-TEMPLATES = PROJECT_ROOT / "sbatch"
-JOBS_DIR = PROJECT_ROOT / "jobs"
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.scheduler.base import Backend
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 _SBATCH_WORD = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]+$")
@@ -108,9 +105,9 @@ def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
         "setup": "\n".join(s.setup) if s.setup else "# (no setup lines configured)",
         "launch": (backend.launcher(step, res.nodes * res.ntasks_per_node) + " ").lstrip(),
         "python": shlex.quote(s.python or sys.executable),
-        "jobs_dir": shlex.quote(str(JOBS_DIR)),
+        "job_module": f"{packaged.JOBS_PACKAGE}.{step}",
         "run_dir": shlex.quote(str(layout.root)),
     }
-    template = TEMPLATES / f"{step}.sbatch"
-    text = fill(template.read_text(encoding="utf-8"), values, str(template))
+    template, where = packaged.template(step, s.templates)
+    text = fill(template, values, where)
     return re.sub(r"\n{3,}", "\n\n", text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
 from hpcpipe.users import user_name
 
 

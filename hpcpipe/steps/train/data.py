@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp
-from hpcpipe.layout import RunLayout
+from hpcpipe.run.layout import RunLayout
 
 log = logging.getLogger(__name__)
 
@@ -251,7 +251,7 @@ def tokenize_products(tokenizer: Any, texts: list[str], max_length: int,
 def token_cache(train_dir: Path, tokenizer_dir: Path, rows: Rows, max_length: int,
                 is_main: bool, barrier: Callable[[], None]) -> Tokens:
     """The cached token ids for ``rows.products``; rank 0 builds them when absent."""
-    from hpcpipe.train.model import load_tokenizer, tokenizer_fingerprint
+    from hpcpipe.steps.train.model import load_tokenizer, tokenizer_fingerprint
 
     name = tokenizer_dir.name.replace(" ", "_")[:40]
     key = (f"{name}-{tokenizer_fingerprint(tokenizer_dir)}-"

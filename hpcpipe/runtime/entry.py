@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from hpcpipe.config import RunConfig, load_config
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter
 
 StepFn = Callable[[RunLayout, RunConfig, MetricsWriter], Any]
 

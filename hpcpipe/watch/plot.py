@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcpipe.metrics import read_metrics
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
+from hpcpipe.run.metrics import read_metrics
 
 
 def write_plot(run: Run) -> Path:

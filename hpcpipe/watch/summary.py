@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hpcpipe import scheduler
 from hpcpipe.config import load_config
 from hpcpipe.errors import ConfigError
-from hpcpipe.metrics import read_metrics
-from hpcpipe.run import Run
+from hpcpipe.run.folder import Run
+from hpcpipe.run.metrics import read_metrics
+from hpcpipe.scheduler import slurm as scheduler
 from hpcpipe.users import user_name
 
 
@@ -131,7 +131,7 @@ def _progress(run: Run, step: str) -> str:
     evals = [m for m in read_metrics(run.layout.metrics) if m.get("step") == "train"
              and m.get("kind") == "eval"]
     try:
-        from hpcpipe.pipeline import load_run_config
+        from hpcpipe.control.pipeline import load_run_config
 
         epochs = load_run_config(run).train.epochs
     except Exception:  # noqa: BLE001 - the report must not fail on a damaged config

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcpipe import scheduler
-from hpcpipe.backends.base import Backend
 from hpcpipe.config import RunConfig, train_nodes
 from hpcpipe.errors import ConfigError
-from hpcpipe.scheduler import JobInfo
+from hpcpipe.scheduler import slurm as scheduler
+from hpcpipe.scheduler.base import Backend
+from hpcpipe.scheduler.slurm import JobInfo
 
 
 class SlurmBackend(Backend):

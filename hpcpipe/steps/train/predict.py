@@ -17,9 +17,9 @@ import torch
 from hpcpipe.config import RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path
-from hpcpipe.layout import RunLayout
-from hpcpipe.train import checkpoint, data
-from hpcpipe.train.model import (
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.steps.train import checkpoint, data
+from hpcpipe.steps.train.model import (
     Forecaster,
     autocast,
     autocast_dtype,

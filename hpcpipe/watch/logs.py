@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from hpcpipe.pipeline import is_active, refresh
-from hpcpipe.run import Run
+from hpcpipe.control.pipeline import is_active, refresh
+from hpcpipe.run.folder import Run
 
 Echo = Callable[[str], None]
 

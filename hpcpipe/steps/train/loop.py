@@ -24,14 +24,14 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from hpcpipe import faulthooks
 from hpcpipe.config import RunConfig
 from hpcpipe.errors import InputError, SchedulerError
 from hpcpipe.files import write_json
-from hpcpipe.layout import RunLayout
-from hpcpipe.metrics import MetricsWriter
-from hpcpipe.train import checkpoint, data, dist, predict
-from hpcpipe.train.model import (
+from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.runtime import faulthooks
+from hpcpipe.steps.train import checkpoint, data, dist, predict
+from hpcpipe.steps.train.model import (
     autocast,
     autocast_dtype,
     build_model,
@@ -41,7 +41,7 @@ from hpcpipe.train.model import (
     param_groups,
     product_embeddings,
 )
-from hpcpipe.train.stop import SIGNALS, StopSignals
+from hpcpipe.steps.train.stop import SIGNALS, StopSignals
 
 log = logging.getLogger(__name__)
 
