@@ -8,7 +8,6 @@ Numbers a program reads (rows/s, loss, timings) go here, one JSON object per lin
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ class MetricsWriter:
     def __init__(self, path: Path, step: str, job_id: str | None = None) -> None:
         self.path = Path(path)
         self.step = step
-        self.job_id = job_id or os.environ.get("SLURM_JOB_ID") or os.environ.get("HPCPIPE_JOB_ID")
+        self.job_id = job_id  # the entry passes JobEnvironment.job_id
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, kind: str, **values: Any) -> dict[str, Any]:

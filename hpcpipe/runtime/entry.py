@@ -19,22 +19,17 @@ from typing import Any
 from hpcpipe.config import RunConfig, load_config
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.runtime.env import JobEnvironment
 
-StepFn = Callable[[RunLayout, RunConfig, MetricsWriter], Any]
-
-
-def _rank() -> int:
-    for var in ("RANK", "SLURM_PROCID"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+StepFn = Callable[[RunLayout, RunConfig, MetricsWriter, JobEnvironment], Any]
 
 
 def main(step: str, fn: StepFn, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"jobs/{step}.py", description=f"Run the {step} step.")
     parser.add_argument("--run-dir", required=True, type=Path, help="the run folder runs/<run-id>")
     args = parser.parse_args(argv)
-    rank = _rank()
+    env = JobEnvironment.from_environ()
+    rank = env.global_rank
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [{step}{'' if rank == 0 else f' rank {rank}'}] %(levelname)s "
@@ -44,15 +39,13 @@ def main(step: str, fn: StepFn, argv: list[str] | None = None) -> None:
     log = logging.getLogger(f"hpcpipe.jobs.{step}")
     layout = RunLayout(args.run_dir.resolve())
     cfg = load_config(layout.config)
-    metrics = MetricsWriter(layout.metrics, step)
-    job = os.environ.get("SLURM_JOB_ID") or os.environ.get("HPCPIPE_JOB_ID", "?")
-    restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
+    metrics = MetricsWriter(layout.metrics, step, job_id=env.job_id)
     if rank == 0:
-        log.info("step %s of run %s, job %s (restart %s) on %s", step, layout.run_id, job,
-                 restarts, os.uname().nodename)
+        log.info("step %s of run %s, job %s (restart %d) on %s", step, layout.run_id,
+                 env.job_id or "?", env.restart_count, os.uname().nodename)
     start = time.time()
     try:
-        fn(layout, cfg, metrics)
+        fn(layout, cfg, metrics, env)
     except KeyboardInterrupt:
         log.error("interrupted")
         sys.exit(130)

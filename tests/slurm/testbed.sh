@@ -4,21 +4,58 @@
 #   bash tests/slurm/testbed.sh start    # install (if missing), configure, start; idempotent
 #   bash tests/slurm/testbed.sh status   # which daemons are up
 #   bash tests/slurm/testbed.sh stop     # cancel jobs, stop our daemons by their pid files
+#   bash tests/slurm/testbed.sh env      # prints the exports a client needs (eval "$(...)")
 #
 # Needs root (it installs packages, writes /etc/hosts, runs the daemons as root).
-# Everything lives in ${HPCPIPE_TESTBED_DIR:-/var/tmp/hpcpipe-slurm}; clients need
-#   export SLURM_CONF=$HPCPIPE_TESTBED_DIR/slurm.conf
+#
+# Two Slurm versions, selected by HPCPIPE_SLURM_VERSION (default 22.05); both can run at once:
+#   22.05 (default): Debian 12's slurm-wlm from /usr; state in /var/tmp/hpcpipe-slurm; ClusterName
+#         hpcpipe-test; ports slurmctld 17817, slurmdbd 17819, mysqld 17306, slurmd 17001-17002;
+#         the machine's munged (/run/munge). Clients: export SLURM_CONF=/var/tmp/hpcpipe-slurm/slurm.conf
+#   25.11: SchedMD's 25.11.7 built from /work/shared/slurm/slurm-25.11.7.tar.gz into /opt/slurm-25.11
+#         (once per machine, ~7 min on 2 cores; `build-25.11` does only that, `install`/`start`
+#         build it if missing); state in /var/tmp/hpcpipe-slurm-25.11; ClusterName hpcpipe-2511;
+#         ports slurmctld 17827, slurmdbd 17829, mysqld 17316, slurmd 17011-17012; its own munged
+#         on $DIR/munge/munge.socket (AuthInfo=socket=...), so stopping one cluster never breaks
+#         the other. Clients need its SLURM_CONF *and* its binaries first on PATH:
+#           export SLURM_CONF=/var/tmp/hpcpipe-slurm-25.11/slurm.conf
+#           export PATH=/opt/slurm-25.11/bin:/opt/slurm-25.11/sbin:$PATH
+#         or: eval "$(HPCPIPE_SLURM_VERSION=25.11 bash tests/slurm/testbed.sh env)"
+#   HPCPIPE_SLURM_VERSION=25.11 bash tests/slurm/testbed.sh start|stop|status
+# HPCPIPE_TESTBED_DIR still overrides the state folder of either version.
 # Comments below say why the less obvious settings are there.
 set -euo pipefail
 
-DIR=$(realpath -m "${HPCPIPE_TESTBED_DIR:-/var/tmp/hpcpipe-slurm}")
-CLUSTER=hpcpipe-test
+SLURM_VERSION=${HPCPIPE_SLURM_VERSION:-22.05}
+SLURM_PREFIX_2511=/opt/slurm-25.11
+case $SLURM_VERSION in
+    22.05)
+        DIR=$(realpath -m "${HPCPIPE_TESTBED_DIR:-/var/tmp/hpcpipe-slurm}")
+        CLUSTER=hpcpipe-test
+        # Private ports, so the testbed cannot collide with a real Slurm or MariaDB on the same machine.
+        CTLD_PORT=17817
+        DBD_PORT=17819
+        MYSQL_PORT=17306
+        SLURMD_PORTS=17001-17002
+        MUNGE_SOCK=  # the machine's default socket
+        ;;
+    25.11)
+        DIR=$(realpath -m "${HPCPIPE_TESTBED_DIR:-/var/tmp/hpcpipe-slurm-25.11}")
+        CLUSTER=hpcpipe-2511
+        CTLD_PORT=17827
+        DBD_PORT=17829
+        MYSQL_PORT=17316
+        SLURMD_PORTS=17011-17012
+        MUNGE_SOCK=$DIR/munge/munge.socket
+        export PATH=$SLURM_PREFIX_2511/bin:$SLURM_PREFIX_2511/sbin:$PATH
+        ;;
+    *)
+        echo "testbed: ERROR: HPCPIPE_SLURM_VERSION must be 22.05 or 25.11, not $SLURM_VERSION" >&2
+        exit 2
+        ;;
+esac
 CONF=$DIR/slurm.conf
 HOST=$(hostname -s)
-# Private ports, so the testbed cannot collide with a real Slurm or MariaDB on the same machine.
-CTLD_PORT=17817
-DBD_PORT=17819
-MYSQL_PORT=17306
 MYSQL_SOCK=$DIR/mysqld/mysqld.sock
 START_TIMEOUT=${HPCPIPE_TESTBED_TIMEOUT:-90}
 export SLURM_CONF=$CONF
@@ -78,6 +115,10 @@ wait_for() {  # wait_for SECONDS WHAT COMMAND...
 
 ensure_packages() {
     local cmd missing=0
+    if [[ $SLURM_VERSION == 25.11 ]]; then
+        built_2511_ok || cmd_build_2511
+        return 0  # the build installs munge and mariadb-server too
+    fi
     for cmd in slurmctld slurmd slurmdbd sacctmgr munged mariadbd mariadb-install-db mariadb; do
         command -v "$cmd" >/dev/null || missing=1
     done
@@ -113,7 +154,8 @@ SlurmctldPort=$CTLD_PORT
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-StateSaveLocation=$DIR/spool/ctld
+${MUNGE_SOCK:+AuthInfo=socket=$MUNGE_SOCK
+}StateSaveLocation=$DIR/spool/ctld
 SlurmdSpoolDir=$DIR/spool/%n
 SlurmctldPidFile=$DIR/run/slurmctld.pid
 SlurmdPidFile=$DIR/run/slurmd-%n.pid
@@ -145,7 +187,7 @@ AccountingStoragePort=$DBD_PORT
 AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 MailProg=/bin/true
-NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=17001-17002 CPUs=32 RealMemory=64000 Gres=gpu:2 State=UNKNOWN
+NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$SLURMD_PORTS CPUs=32 RealMemory=64000 Gres=gpu:2 State=UNKNOWN
 PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes=n[1-2] MaxTime=00:10:00 State=UP
 EOF
@@ -155,7 +197,8 @@ NodeName=n[1-2] Name=gpu File=$DIR/dev/gpu[0-1]
 EOF
     write_if_changed "$DIR/slurmdbd.conf" 600 <<EOF && changed=0
 AuthType=auth/munge
-DbdHost=localhost
+${MUNGE_SOCK:+AuthInfo=socket=$MUNGE_SOCK
+}DbdHost=localhost
 DbdPort=$DBD_PORT
 SlurmUser=root
 LogFile=$DIR/log/slurmdbd.log
@@ -188,7 +231,8 @@ prepare_dirs() {
     done
 }
 
-munge_ok() { munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; }
+MUNGE_OPTS=(${MUNGE_SOCK:+--socket=$MUNGE_SOCK})
+munge_ok() { munge "${MUNGE_OPTS[@]}" -n </dev/null 2>/dev/null | unmunge "${MUNGE_OPTS[@]}" >/dev/null 2>&1; }
 
 start_munged() {
     if munge_ok; then return 0; fi  # ours, or one the machine already runs: either will do
@@ -201,7 +245,11 @@ start_munged() {
     chown munge:munge /run/munge
     chmod 755 /run/munge
     # --force: as root munged would otherwise refuse a key directory owned by munge.
-    spawn "$DIR/log/munged.out" munged --force --pid-file="$(pidfile munged)" \
+    if [[ -n $MUNGE_SOCK ]]; then
+        # munged runs as root here (--force): its own socket folder, not /run/munge.
+        chmod 755 "$DIR/munge"
+    fi
+    spawn "$DIR/log/munged.out" munged "${MUNGE_OPTS[@]}" --force --pid-file="$(pidfile munged)" \
         --log-file="$DIR/log/munged.log" --seed-file="$DIR/munge/munged.seed"
     wait_for 20 "munged" munge_ok
 }
@@ -327,7 +375,10 @@ cmd_start() {
     print_hint
 }
 
-print_hint() { echo "export SLURM_CONF=$CONF"; }
+print_hint() {
+    echo "export SLURM_CONF=$CONF"
+    [[ $SLURM_VERSION == 22.05 ]] || echo "export PATH=$SLURM_PREFIX_2511/bin:$SLURM_PREFIX_2511/sbin:\$PATH"
+}
 
 DAEMONS=(slurmd-n2 slurmd-n1 slurmctld slurmdbd mysqld munged)  # in stop order
 
@@ -403,11 +454,17 @@ cmd_status() {
 # ---- Slurm 25.11 from source -------------------------------------------------------------------
 SLURM_SRC_TARBALL=${HPCPIPE_SLURM_TARBALL:-/work/shared/slurm/slurm-25.11.7.tar.gz}
 SLURM_SRC_VERSION=25.11.7
-SLURM_PREFIX_2511=/opt/slurm-25.11
 
+# Two slurmd's on one host (n1, n2 share NodeHostname) need --enable-multiple-slurmd, as Debian's
+# build has. Without it read_config.c logs "Duplicated NodeHostName" and drops n2 from its address
+# table: slurmctld then cannot ping n2 ("_fwd_tree_get_addr: can't find address for host n2"), n2
+# goes "Not responding"/DOWN after a few minutes and 2-node jobs pend forever. That error string
+# is compiled only into builds without the option, so its presence marks a build to redo.
 built_2511_ok() {
     [[ -x $SLURM_PREFIX_2511/bin/sbatch && -x $SLURM_PREFIX_2511/sbin/slurmctld ]] || return 1
-    [[ $("$SLURM_PREFIX_2511/bin/sbatch" --version 2>/dev/null) == "slurm $SLURM_SRC_VERSION" ]]
+    [[ $("$SLURM_PREFIX_2511/bin/sbatch" --version 2>/dev/null) == "slurm $SLURM_SRC_VERSION" ]] || return 1
+    local lib=$SLURM_PREFIX_2511/lib/slurm/libslurmfull.so
+    [[ -e $lib ]] && ! grep -q "Duplicated NodeHostName" "$lib"
 }
 
 # Builds $SLURM_SRC_TARBALL into $SLURM_PREFIX_2511 once per machine (~6-7 min on 2 cores).
@@ -451,12 +508,13 @@ cmd_build_2511() {
 
 case ${1:-} in
     install) ensure_packages ;;
+    env) print_hint ;;
     build-25.11) cmd_build_2511 ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
     *)
-        echo "usage: $0 install|start|stop|status   (state in $DIR)" >&2
+        echo "usage: [HPCPIPE_SLURM_VERSION=22.05|25.11] $0 install|build-25.11|start|stop|status|env   (state in $DIR)" >&2
         exit 2
         ;;
 esac
