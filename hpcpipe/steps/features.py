@@ -56,6 +56,7 @@ from hpcpipe.files import atomic_path, is_temp, read_json, write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.runtime import faulthooks
+from hpcpipe.runtime.env import JobEnvironment
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -490,7 +491,8 @@ def build_features(
     return manifest
 
 
-def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, Any]:
+def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
+        env: JobEnvironment | None = None) -> dict[str, Any]:
     """The features step of a run: ``layout.ingest`` -> ``layout.features`` (see the module doc).
 
     Under ``srun`` on several nodes every rank calls this; only the client rank computes, the

@@ -56,6 +56,7 @@ from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, read_json, temp_name, write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.runtime.env import JobEnvironment
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,8 @@ REASON_SECONDS = "timestamp looks like seconds, not milliseconds"
 _MIN_METADATA_COVERAGE = 0.5
 
 
-def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, Any]:
+def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
+        env: JobEnvironment | None = None) -> dict[str, Any]:
     """The ingest step of a run: synthesize into ``layout.raw`` when ``cfg.data.reviews`` is empty
     (reusing a complete earlier synthesis of the same size and seed), then :func:`ingest` into
     ``layout.ingest``. Returns the ingest manifest (plus ``"skipped": True`` if already done)."""

@@ -13,11 +13,13 @@ if TYPE_CHECKING:
     from hpcpipe.config import RunConfig
     from hpcpipe.run.layout import RunLayout
     from hpcpipe.run.metrics import MetricsWriter
+    from hpcpipe.runtime.env import JobEnvironment
 
 __all__ = ["run"]
 
 
-def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter) -> dict[str, Any] | None:
+def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
+        env: JobEnvironment | None = None) -> dict[str, Any] | None:
     """Train on the run's features (resuming if a checkpoint exists) and write predictions."""
     from hpcpipe.steps.train.loop import run as run_training
 
