@@ -19,7 +19,7 @@ from hpcpipe.config import IngestConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter, read_metrics
-from hpcpipe.steps.ingest import REASON_SECONDS, _bucket_count, bucket_of, ingest, run
+from hpcpipe.steps.ingest import REASON_SECONDS, bucket_count, bucket_of, ingest, run
 from hpcpipe.steps.synth import write_synthetic
 
 TS = 1_600_000_000_000  # 2020-09-13, in ms
@@ -123,7 +123,7 @@ def test_parquet_input_matches_jsonl_input(tmp_path):
 ])
 def test_a_bucket_estimate_is_kept_unless_its_buckets_are_far_off_the_target(
         valid, guessed, target, want):
-    assert _bucket_count(valid, guessed, target) == want
+    assert bucket_count(valid, guessed, target) == want
 
 
 def test_an_estimate_far_off_the_valid_rows_is_redistributed_to_the_exact_count(tmp_path,
@@ -146,12 +146,12 @@ def test_an_estimate_far_off_the_valid_rows_is_redistributed_to_the_exact_count(
 
 
 def test_spill_flushed_after_every_slice_gives_the_same_output(tmp_path, monkeypatch):
-    import hpcpipe.steps.ingest as ingest_module
+    import hpcpipe.steps.ingest.buckets as buckets_module
 
     write_synthetic(tmp_path / "j", 8_000, seed=3, fmt="jsonl")
     paths = ([tmp_path / "j" / "reviews.jsonl"], tmp_path / "j" / "meta.jsonl")
     whole = ingest(*paths, tmp_path / "whole", cfg(3_000))
-    monkeypatch.setattr(ingest_module, "SPILL_BUFFER_BYTES", 1)
+    monkeypatch.setattr(buckets_module, "SPILL_BUFFER_BYTES", 1)
     flushed = ingest(*paths, tmp_path / "flushed", cfg(3_000))
     assert whole["n_buckets"] == flushed["n_buckets"] == 3
     for b in range(3):

@@ -1,0 +1,389 @@
+"""Reading the input: reviews in chunks of Arrow rows, and the product metadata.
+
+Reviews are streamed in blocks (~32 MB of JSON lines, or ~1M parquet rows). A JSON block goes
+through ``pyarrow.json`` in one call; only a block that fails is split in halves until the bad
+lines are isolated, so one bad line costs a few re-parses of its neighbourhood, not a Python loop
+over the file. A line the parser refuses gets a reason in words (:func:`_diagnose`). JSON lines,
+gzipped or not (gzip inflated by ISA-L), and parquet give the same :class:`Chunk`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import logging
+import zlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd  # type: ignore[import-untyped]
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow.json as pj  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+from isal import igzip, isal_zlib
+
+from hpcpipe.errors import InputError
+from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind, truncated
+
+log = logging.getLogger(__name__)
+
+REQUIRED: tuple[str, ...] = ("rating", "parent_asin", "user_id", "timestamp")
+READ_SCHEMA = pa.schema([
+    ("rating", pa.float64()), ("title", pa.string()), ("text", pa.string()),
+    ("asin", pa.string()), ("parent_asin", pa.string()), ("user_id", pa.string()),
+    ("timestamp", pa.int64()), ("helpful_vote", pa.int64()), ("verified_purchase", pa.bool_()),
+])
+META_SCHEMA = pa.schema([("parent_asin", pa.string()), ("title", pa.string()),
+                         ("main_category", pa.string()), ("store", pa.string())])
+
+BLOCK_BYTES = 32 << 20
+PARQUET_BATCH_ROWS = 1 << 20
+RAW_CHARS = 500
+
+
+@dataclass
+class Chunk:
+    """Parsed rows of one block/batch. ``table`` has READ_SCHEMA; row i came from ``lines[i]``."""
+
+    table: pa.Table
+    source: str
+    lines: np.ndarray  # line number (JSON, 1-based) or row index (parquet) of each row
+    raws: Any  # callable(i) -> raw text of row i
+    refused: list[tuple[int, str, str]]  # (line, reason, raw) of lines the parser refused
+    pre_reason: np.ndarray | None = None  # per-row reason found while coercing types, or None
+
+
+
+def read_reviews(path: Path) -> Iterator[Chunk]:
+    """Chunks of a reviews file; the next one is read and parsed in a thread meanwhile."""
+    return _prefetched(_read_reviews_here(path))
+
+
+def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    # Reading/parsing (Arrow, GIL released) of chunk k+1 overlaps checking and spilling chunk k.
+    with ThreadPoolExecutor(1) as pool:
+        nxt = pool.submit(next, chunks, None)
+        while True:
+            chunk = nxt.result()
+            if chunk is None:
+                return
+            nxt = pool.submit(next, chunks, None)
+            yield chunk
+
+
+def _read_reviews_here(path: Path) -> Iterator[Chunk]:
+    kind, _ = file_kind(path)
+    if kind == "parquet":
+        yield from _read_parquet_reviews(path)
+        return
+    for block, first_line, at_eof in _json_blocks(path):
+        parsed, refused = _parse_json_block(block, READ_SCHEMA, at_eof)
+        refused = [(first_line + line, reason, raw) for line, reason, raw in refused]
+        lines = first_line + parsed.line_index
+        yield Chunk(parsed.table, str(path), lines, _json_raws(block, parsed), refused)
+
+
+def _open_json(path: Path) -> io.BufferedIOBase:
+    _, gz = file_kind(path)
+    if gz:
+        # ISA-L's inflate: the same gzip format and errors, 2-3x the speed of zlib's.
+        return igzip.IGzipFile(path, "rb")  # type: ignore[return-value]
+    return open(path, "rb")  # noqa: SIM115 (the caller closes it)
+
+
+
+def _json_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
+    """(bytes of whole lines, line number of the first, is the file's end) of ~BLOCK_BYTES each;
+    the next block is read (and decompressed) in a thread while the caller works on this one."""
+    f = _open_json(path)
+
+    def read() -> bytes:
+        try:
+            return f.read(BLOCK_BYTES)
+        # isal's stub declares its error class as an instance of Exception.
+        except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile) as exc:  # type: ignore[misc]
+            raise truncated(path, exc) from None
+
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            nxt: Future = pool.submit(read)
+            carry = b""
+            line_no = 1
+            while True:
+                data = nxt.result()
+                if not data:
+                    if carry:
+                        yield carry, line_no, True
+                    return
+                nxt = pool.submit(read)
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading
+                    carry += data
+                    continue
+                # One copy of the block, however the lines fall.
+                block = b"".join((carry, memoryview(data)[:cut]))
+                carry = data[cut:]
+                yield block, line_no, False
+                line_no += block.count(b"\n")
+    finally:
+        f.close()
+
+
+@dataclass
+class _Parsed:
+    table: pa.Table
+    line_index: np.ndarray  # 0-based line within the block of each row
+    starts: np.ndarray
+    ends: np.ndarray
+
+
+def _line_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
+    nl = np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10)
+    starts = np.concatenate([[0], nl + 1])
+    ends = np.concatenate([nl, [len(block)]])
+    if starts[-1] == len(block):  # the block ends with a newline: no line after it
+        starts, ends = starts[:-1], ends[:-1]
+    return starts, ends
+
+
+def _read_json_bytes(data: bytes, schema: pa.Schema) -> pa.Table:
+    return pj.read_json(
+        pa.BufferReader(data),
+        read_options=pj.ReadOptions(block_size=max(1 << 20, min(len(data) // 4 + 1, 8 << 20))),
+        parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+
+
+def _parse_json_block(block: bytes, schema: pa.Schema, at_eof: bool = False
+                      ) -> tuple[_Parsed, list[tuple[int, str, str]]]:
+    """Parse whole lines. Fast path: one pyarrow call. If it fails (or rows and lines disagree),
+    split in halves until the failing lines are alone and give each a reason."""
+    starts, ends = _line_spans(block)
+    lengths = ends - starts
+    nonblank = (lengths > 0) & ~((lengths == 1) & (np.frombuffer(block, np.uint8)[
+        np.minimum(starts, len(block) - 1)] == 13))
+    try:
+        block.decode("utf-8")
+        table = _read_json_bytes(block, schema)
+        if table.num_rows == int(nonblank.sum()):
+            return _Parsed(table, np.flatnonzero(nonblank), starts, ends), []
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    tables: list[pa.Table] = []
+    index: list[np.ndarray] = []
+    refused: list[tuple[int, str, str]] = []
+    unterminated_last = at_eof and not block.endswith(b"\n")
+    _bisect(block, starts, ends, nonblank, 0, len(starts), schema, tables, index, refused,
+            unterminated_last)
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    line_index = np.concatenate(index) if index else np.zeros(0, np.int64)
+    return _Parsed(table, line_index, starts, ends), refused
+
+
+def _bisect(block: bytes, starts: np.ndarray, ends: np.ndarray, nonblank: np.ndarray, lo: int,
+            hi: int, schema: pa.Schema, tables: list, index: list, refused: list,
+            unterminated_last: bool) -> None:
+    if hi <= lo:
+        return
+    piece = block[starts[lo]:ends[hi - 1]] + b"\n"
+    expected = int(nonblank[lo:hi].sum())
+    if expected == 0:
+        return
+    try:
+        piece.decode("utf-8")
+        table = _read_json_bytes(piece, schema)
+        if table.num_rows == expected:
+            tables.append(table)
+            index.append(np.flatnonzero(nonblank[lo:hi]) + lo)
+            return
+    except (pa.ArrowInvalid, UnicodeDecodeError):
+        pass
+    if hi - lo > 1:
+        mid = (lo + hi) // 2
+        _bisect(block, starts, ends, nonblank, lo, mid, schema, tables, index, refused,
+                unterminated_last)
+        _bisect(block, starts, ends, nonblank, mid, hi, schema, tables, index, refused,
+                unterminated_last)
+        return
+    raw = block[starts[lo]:ends[lo]]
+    if not raw.strip():
+        return  # a line of blanks
+    is_last = unterminated_last and hi == len(starts)
+    refused.append((lo, _diagnose(raw, is_last, schema.names),
+                    raw.decode("utf-8", "backslashreplace")))
+
+
+_TYPE_CHECKS: dict[str, tuple[tuple[type, ...], str]] = {
+    "rating": ((int, float), "rating is not a number"),
+    "timestamp": ((int,), "timestamp is not an integer"),
+    "helpful_vote": ((int,), "helpful_vote is not an integer"),
+    "verified_purchase": ((bool,), "verified_purchase is not true/false"),
+    "title": ((str,), "title is not a string"),
+    "text": ((str,), "text is not a string"),
+    "asin": ((str,), "asin is not a string"),
+    "parent_asin": ((str,), "parent_asin is not a string"),
+    "user_id": ((str,), "user_id is not a string"),
+    "main_category": ((str,), "main_category is not a string"),
+    "store": ((str,), "store is not a string"),
+}
+
+
+def _diagnose(raw: bytes, is_last: bool, fields: Sequence[str]) -> str:
+    """Why pyarrow refused one line, in words a person can act on."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "non-UTF-8 bytes"
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return "truncated last line" if is_last else "malformed JSON"
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    for key, (types, reason) in _TYPE_CHECKS.items():
+        value = obj.get(key) if key in fields else None
+        if value is None:
+            continue
+        if isinstance(value, bool) and bool not in types:
+            return reason
+        if not isinstance(value, types):
+            return reason
+    return "unreadable JSON line"
+
+
+def _json_raws(block: bytes, parsed: _Parsed) -> Any:
+    def raw(i: int) -> str:
+        k = parsed.line_index[i]
+        return block[parsed.starts[k]:parsed.ends[k]][:RAW_CHARS * 4].decode("utf-8", "replace")
+    return raw
+
+
+def _read_parquet_reviews(path: Path) -> Iterator[Chunk]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise bad_parquet(path, exc) from None
+    names = set(pf.schema_arrow.names)
+    absent = [c for c in REQUIRED if c not in names]
+    if absent:
+        raise InputError(
+            f"{path} has no column(s) {', '.join(absent)}; reviews need rating, parent_asin, "
+            "user_id and timestamp (Amazon Reviews'23 layout)")
+    cols = [c for c in READ_SCHEMA.names if c in names]
+    base = 0
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as exc:
+            raise bad_parquet(path, exc) from None
+        table, pre_reason = _coerce_parquet(pa.Table.from_batches([batch]))
+        n = table.num_rows
+
+        def raw(i: int, batch: pa.RecordBatch = batch) -> str:
+            return json.dumps(batch.slice(i, 1).to_pylist()[0], default=str)
+
+        yield Chunk(table, str(path), np.arange(base, base + n), raw, [], pre_reason)
+        base += n
+
+
+def _coerce_parquet(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
+    """Cast parquet columns to READ_SCHEMA; values that cannot be cast get a per-row reason."""
+    pre: np.ndarray | None = None
+    cols = {}
+    for field in READ_SCHEMA:
+        if field.name not in table.column_names:
+            cols[field.name] = pa.nulls(table.num_rows, field.type)
+            continue
+        col = table.column(field.name)
+        if col.type == field.type:
+            cols[field.name] = col
+            continue
+        if field.name == "timestamp" and pa.types.is_timestamp(col.type):
+            cols[field.name] = col.cast(pa.timestamp("ms")).cast(pa.int64())
+            continue
+        try:
+            cols[field.name] = col.cast(field.type)
+            continue
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            pass
+        # Value by value: what cannot be read becomes null plus a reason.
+        values = pd.to_numeric(pd.Series(col.to_pylist(), dtype=object), errors="coerce")
+        if field.name == "timestamp":
+            ok = values.notna() & (values == values.round())
+            cols[field.name] = pa.array(values.where(ok).astype("Int64"), pa.int64())
+            reason = "timestamp is not an integer"
+        else:
+            ok = values.notna()
+            cols[field.name] = pa.array(values.where(ok).astype("Float64"), field.type)
+            reason = f"{field.name} is not a number"
+        bad = ~ok.to_numpy() & col.is_valid().to_numpy(zero_copy_only=False)
+        if bad.any():
+            if pre is None:
+                pre = np.full(table.num_rows, None, dtype=object)
+            pre[bad & (pre == None)] = reason  # noqa: E711 (elementwise)
+    return pa.table(cols, schema=READ_SCHEMA), pre
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Product metadata.
+
+
+def read_metadata(path: Path) -> pa.Table:
+    """parent_asin, title, main_category, store of every product, first row per parent_asin."""
+    kind, _ = file_kind(path)
+    if kind == "parquet":
+        try:
+            pf = pq.ParquetFile(path)
+            names = set(pf.schema_arrow.names)
+            if "parent_asin" not in names:
+                raise InputError(
+                    f"metadata file {path} has no parent_asin column (columns: "
+                    f"{', '.join(sorted(names)[:12])}); is it the product metadata file "
+                    "(meta_*.jsonl / .parquet) that goes with the reviews?")
+            cols = [c for c in META_SCHEMA.names if c in names]
+            table = pf.read(columns=cols)
+        except (pa.ArrowException, OSError) as exc:
+            raise bad_parquet(path, exc) from None
+        table = _conform(table, META_SCHEMA)
+    else:
+        parts = []
+        bad = 0
+        for block, _, _ in _json_blocks(path):
+            t, refused = _parse_json_block(block, META_SCHEMA)
+            bad += len(refused)
+            parts.append(t.table)
+        table = pa.concat_tables(parts) if parts else META_SCHEMA.empty_table()
+        if bad:
+            log.warning("metadata %s: %d unreadable lines skipped", path, bad)
+        if table.num_rows and table.column("parent_asin").null_count == table.num_rows:
+            raise InputError(
+                f"metadata file {path} has no parent_asin field; is it the product metadata "
+                "file (meta_*.jsonl) that goes with the reviews?")
+    table = table.filter(pc.is_valid(table.column("parent_asin")))
+    if table.num_rows == 0:
+        raise InputError(f"metadata file {path} has no products; give the metadata file that "
+                         "goes with the reviews")
+    _, first = np.unique(table.column("parent_asin").to_numpy(zero_copy_only=False),
+                         return_index=True)
+    return table.take(pa.array(np.sort(first)))
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns: absent ones null, others cast."""
+    cols = []
+    for field in schema:
+        if field.name in table.column_names:
+            col = table.column(field.name)
+            cols.append(col if col.type == field.type else col.cast(field.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, field.type))
+    return pa.table(cols, schema=schema)
