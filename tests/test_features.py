@@ -27,6 +27,7 @@ import pytest
 from hpcpipe.config import FeaturesConfig, RunConfig
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.runtime.dask_cluster import plan_workers, slurm_roles
+from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps import features
 
 REPO = Path(__file__).resolve().parents[1]
@@ -419,21 +420,16 @@ def test_job_entry_point_writes_summary_and_manifest(tmp_path, ingest_dir, full_
     assert_same(read_features(layout.features), read_features(full_run[0]))
 
 
-def test_worker_plan_never_exceeds_usable_cpus(monkeypatch):
+def test_worker_plan_never_exceeds_usable_cpus():
     usable = len(os.sched_getaffinity(0))
-    for k in list(os.environ):
-        if k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("SLURM_JOB_ID", "7")
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "32")
-    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
-    monkeypatch.setenv("SLURM_MEM_PER_NODE", "8000")
-    plan = plan_workers(FeaturesConfig(cpus=32))
+    env = JobEnvironment.from_environ({"SLURM_JOB_ID": "7", "SLURM_CPUS_PER_TASK": "32",
+                                       "SLURM_JOB_NUM_NODES": "1", "SLURM_MEM_PER_NODE": "8000"})
+    plan = plan_workers(FeaturesConfig(cpus=32), env)
     n = min(32, usable)
     assert plan.n_workers == n and plan.threads_per_worker == 1
     assert plan.describe().startswith(f"32 CPUs allocated, {usable} usable: {n} worker")
     assert plan.memory_per_worker == int(8000 * 2**20 * 0.9 / plan.n_workers)
-    plan = plan_workers(FeaturesConfig(cpus=32, threads_per_worker=4, worker_memory="1GB"))
+    plan = plan_workers(FeaturesConfig(cpus=32, threads_per_worker=4, worker_memory="1GB"), env)
     assert plan.workers_per_node * plan.threads_per_worker <= usable
     assert plan.memory_per_worker == 10**9
 
@@ -444,16 +440,13 @@ def test_slurm_roles_two_nodes(monkeypatch):
     monkeypatch.setattr("hpcpipe.runtime.dask_cluster.usable_cpus", lambda: 2)
     env = {"SLURM_JOB_ID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS": "64",
            "SLURM_TASKS_PER_NODE": "32(x2)", "SLURM_CPUS_PER_TASK": "1"}
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    plan = plan_workers(FeaturesConfig())
+    plan = plan_workers(FeaturesConfig(), JobEnvironment.from_environ(env))
     assert (plan.nodes, plan.workers_per_node, plan.n_workers) == (2, 2, 4)
 
     def role(rank: int):
-        monkeypatch.setenv("SLURM_PROCID", str(rank))
-        monkeypatch.setenv("SLURM_LOCALID", str(rank % 32))
-        monkeypatch.setenv("SLURM_NODEID", str(rank // 32))
-        return slurm_roles(plan)
+        return slurm_roles(plan, JobEnvironment.from_environ({
+            **env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 32),
+            "SLURM_NODEID": str(rank // 32)}))
 
     active = [r for r in range(64) if role(r).active]
     assert active == [0, 1, 2, 3, 32, 33]
@@ -462,23 +455,20 @@ def test_slurm_roles_two_nodes(monkeypatch):
 
     # hpcpipe's sbatch for 2 nodes: 2 tasks of 8 CPUs per node. Without CPU binding (the test
     # cluster) the node's 2 CPUs give one worker of 2 threads; rank 3 idles.
-    monkeypatch.setenv("SLURM_NTASKS", "4")
-    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "2(x2)")
-    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
+    env.update({"SLURM_NTASKS": "4", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_CPUS_PER_TASK": "8"})
 
     def role4(rank: int):
-        monkeypatch.setenv("SLURM_PROCID", str(rank))
-        monkeypatch.setenv("SLURM_LOCALID", str(rank % 2))
-        monkeypatch.setenv("SLURM_NODEID", str(rank // 2))
-        return slurm_roles(plan)
+        return slurm_roles(plan, JobEnvironment.from_environ({
+            **env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank % 2),
+            "SLURM_NODEID": str(rank // 2)}))
 
-    plan = plan_workers(FeaturesConfig())
+    plan = plan_workers(FeaturesConfig(), JobEnvironment.from_environ(env))
     assert (plan.workers_per_node, plan.threads_per_worker) == (1, 2)
     assert [r for r in range(4) if role4(r).active] == [0, 1, 2] and role4(0).n_workers == 1
     # With each task bound to its own 8 CPUs of a 64-core node, every task is a worker.
     monkeypatch.setattr("hpcpipe.runtime.dask_cluster.usable_cpus", lambda: 8)
     monkeypatch.setattr("os.cpu_count", lambda: 64)
-    plan = plan_workers(FeaturesConfig())
+    plan = plan_workers(FeaturesConfig(), JobEnvironment.from_environ(env))
     assert (plan.workers_per_node, plan.threads_per_worker, plan.per_task_binding) == (2, 8, True)
     assert [r for r in range(4) if role4(r).active] == [0, 1, 2, 3] and role4(0).n_workers == 2
 

@@ -1,12 +1,14 @@
 """The Dask cluster of the features step, sized from the allocation it runs in.
 
-One node (or no Slurm at all): a ``distributed.LocalCluster`` of worker processes. Several nodes
-(``SLURM_JOB_NUM_NODES > 1``, the step launched with ``srun``): ``dask_jobqueue.slurm.SLURMRunner``,
-where Slurm rank 0 runs the scheduler, rank 1 the client code and the other ranks the workers.
+The allocation is read only through :class:`~hpcpipe.runtime.env.JobEnvironment`, which the
+step passes in. One node (or no Slurm at all): a ``distributed.LocalCluster`` of worker processes.
+Several nodes (the step launched with ``srun``, one task per Dask process):
+``dask_jobqueue.slurm.SLURMRunner``, where Slurm rank 0 runs the scheduler, rank 1 the client code
+and the other ranks one worker each.
 
-Worker counts follow the allocation (``SLURM_CPUS_PER_TASK`` inside Slurm, ``os.cpu_count()``
-outside) but never exceed the CPUs this process may actually run on (``os.sched_getaffinity``): a
-node that declares more CPUs than it has would otherwise get more workers than cores.
+Worker counts follow the allocation (CPUs per task inside Slurm, ``os.cpu_count()`` outside) but
+never exceed the CPUs this process may actually run on (``os.sched_getaffinity``): a node that
+declares more CPUs than it has would otherwise get more workers than cores.
 
 dask and distributed are imported inside the functions that need them so that importing this
 module stays cheap.
@@ -17,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from hpcpipe.config import FeaturesConfig
 from hpcpipe.errors import ConfigError
+from hpcpipe.runtime.env import JobEnvironment
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -78,18 +80,6 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    # SLURM_CPUS_ON_NODE reads "32", SLURM_JOB_CPUS_PER_NODE may read "32(x2)": take the number.
-    m = re.match(r"^\s*(\d+)", value)
-    return int(m.group(1)) if m else None
-
-
-def in_slurm() -> bool:
-    """True inside a Slurm job allocation."""
-    return "SLURM_JOB_ID" in os.environ
-
-
 def _machine_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -97,14 +87,11 @@ def _machine_memory() -> int:
         return 0
 
 
-def _node_memory(cpus_allocated: int) -> int:
+def _node_memory(env: JobEnvironment, cpus_allocated: int) -> int:
     """Bytes of memory this node's share of the allocation may use (the machine's outside Slurm)."""
     machine = _machine_memory()
-    mb = _env_int("SLURM_MEM_PER_NODE")
-    if mb is None and _env_int("SLURM_MEM_PER_CPU") is not None:
-        mb = _env_int("SLURM_MEM_PER_CPU") * cpus_allocated  # type: ignore[operator]
-    if mb:
-        slurm = mb * 2**20
+    slurm = env.memory_bytes(cpus_allocated)
+    if slurm:
         return min(slurm, machine) if machine else slurm
     return machine
 
@@ -123,22 +110,22 @@ def _parse_memory(text: str, key: str = "features.worker_memory") -> int:
     return value
 
 
-def plan_workers(cfg: FeaturesConfig) -> WorkerPlan:
-    """Decide workers per node, threads per worker and memory per worker for this allocation.
+def plan_workers(cfg: FeaturesConfig, env: JobEnvironment) -> WorkerPlan:
+    """Decide workers per node, threads per worker and memory per worker for the allocation ``env``.
 
-    One node: the allocation is ``SLURM_CPUS_PER_TASK`` CPUs (or ``SLURM_CPUS_ON_NODE``) inside
-    Slurm, ``os.cpu_count()`` outside, split into workers of ``cfg.threads_per_worker`` threads.
-    Several nodes (under srun): every task is one worker of ``SLURM_CPUS_PER_TASK`` threads.
+    One node: the allocation is the CPUs per task (or the CPUs on the node) inside Slurm,
+    ``os.cpu_count()`` outside, split into workers of ``cfg.threads_per_worker`` threads.
+    Several nodes (under srun): every task is one worker of its CPUs-per-task threads.
     Either way no node gets more worker threads than the CPUs in this process's affinity mask:
     when Slurm binds each task to its own CPUs the mask is the task's share; when it does not
     (the mask is the whole machine) the mask is shared by the node's tasks and caps their sum.
     """
     usable = usable_cpus()
-    nodes = (_env_int("SLURM_JOB_NUM_NODES") or 1) if in_slurm() else 1
-    tasks = _tasks_per_node() if nodes > 1 else []
+    nodes = env.num_nodes
+    tasks = env.tasks_per_node if nodes > 1 else []
     per_task_binding = False
     if nodes > 1:
-        per_task = _env_int("SLURM_CPUS_PER_TASK") or 1
+        per_task = env.cpus_per_task or 1
         allocated = per_task * (max(tasks) if tasks else 1)
         threads = max(1, min(per_task, usable))
         # A mask smaller than the machine means Slurm bound this task to its own CPUs.
@@ -147,16 +134,15 @@ def plan_workers(cfg: FeaturesConfig) -> WorkerPlan:
         if tasks:  # a node cannot run more workers than it has tasks
             workers = max(1, min(workers, max(tasks)))
     else:
-        if in_slurm():
-            allocated = (_env_int("SLURM_CPUS_PER_TASK") or _env_int("SLURM_CPUS_ON_NODE")
-                         or os.cpu_count() or 1)
+        if env.in_slurm:
+            allocated = env.cpus_per_task or env.cpus_on_node or os.cpu_count() or 1
         else:
             allocated = os.cpu_count() or 1
         cpus = max(1, min(allocated, usable))
         threads = max(1, min(cfg.threads_per_worker, cpus))
         workers = max(1, cpus // threads)
     if cfg.worker_memory.strip().lower() == "auto":
-        node_mem = _node_memory(allocated)
+        node_mem = _node_memory(env, allocated)
         memory = int(node_mem * AUTO_MEMORY_SHARE / workers) if node_mem else 0
     else:
         memory = _parse_memory(cfg.worker_memory)
@@ -179,7 +165,7 @@ def _quiet_dask_logs() -> None:
 
 @contextlib.contextmanager
 def open_cluster(
-    cfg: FeaturesConfig, scheduler_file: Path | None = None
+    cfg: FeaturesConfig, scheduler_file: Path | None = None, env: JobEnvironment | None = None
 ) -> Iterator[Client | None]:
     """Start the Dask cluster for this allocation and yield a connected ``distributed.Client``.
 
@@ -191,12 +177,15 @@ def open_cluster(
     then get ``None`` here once the cluster has shut down, and the caller must simply return.
     Worker ranks beyond the usable CPUs of their node get ``None`` at once. ``scheduler_file`` (on
     a file system every node sees) is where the scheduler publishes its address; "{job_id}" in
-    it is replaced by the Slurm job id.
+    it is replaced by the Slurm job id. ``env`` is the job's environment (read from
+    ``os.environ`` when not given).
     """
-    plan = plan_workers(cfg)
+    if env is None:
+        env = JobEnvironment.from_environ()
+    plan = plan_workers(cfg, env)
     _quiet_dask_logs()
     if plan.nodes > 1:
-        with _slurm_runner_client(plan, scheduler_file) as client:
+        with _slurm_runner_client(plan, scheduler_file, env) as client:
             yield client
         return
 
@@ -219,18 +208,6 @@ def open_cluster(
 # Several nodes: dask_jobqueue's SLURMRunner.
 
 
-def _tasks_per_node() -> list[int]:
-    """``SLURM_TASKS_PER_NODE`` ("2(x3),1") as a list of task counts, one per node."""
-    text = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE", "")
-    out: list[int] = []
-    for part in filter(None, text.split(",")):
-        m = re.match(r"^(\d+)(?:\(x(\d+)\))?$", part.strip())
-        if not m:
-            return []
-        out += [int(m.group(1))] * int(m.group(2) or 1)
-    return out
-
-
 @dataclass(frozen=True)
 class SlurmRoles:
     """Which Slurm ranks serve as active workers (the others beyond a node's usable CPUs idle)."""
@@ -240,15 +217,15 @@ class SlurmRoles:
     n_workers: int  # active workers over all nodes, what the client waits for
 
 
-def slurm_roles(plan: WorkerPlan) -> SlurmRoles:
+def slurm_roles(plan: WorkerPlan, env: JobEnvironment) -> SlurmRoles:
     """Roles under srun with block task distribution: rank 0 scheduler, rank 1 client, then workers.
 
     Each node runs at most ``plan.workers_per_node`` workers; ranks beyond that on their node idle.
     """
-    rank = _env_int("SLURM_PROCID") or 0
-    local = _env_int("SLURM_LOCALID") or 0
-    node = _env_int("SLURM_NODEID") or 0
-    tasks = _tasks_per_node() or [_env_int("SLURM_NTASKS") or 1]
+    rank = env.task_rank
+    local = env.local_rank
+    node = env.node_id
+    tasks = env.tasks_per_node or [env.ntasks]
     # Block distribution: rank r lives on the first node whose cumulative task count exceeds r.
     starts = [sum(tasks[:i]) for i in range(len(tasks))]
 
@@ -265,16 +242,17 @@ def slurm_roles(plan: WorkerPlan) -> SlurmRoles:
 
 
 @contextlib.contextmanager
-def _slurm_runner_client(plan: WorkerPlan, scheduler_file: Path | None) -> Iterator[Client | None]:
-    world = _env_int("SLURM_NTASKS") or 1
-    if "SLURM_PROCID" not in os.environ or world < 3:
+def _slurm_runner_client(plan: WorkerPlan, scheduler_file: Path | None,
+                         env: JobEnvironment) -> Iterator[Client | None]:
+    world = env.ntasks
+    if not env.under_srun or world < 3:
         raise ConfigError(
             f"the features step on {plan.nodes} nodes runs one Dask process per Slurm task and "
             f"needs at least 3 tasks (scheduler, client, a worker), found {world}: launch it with "
             "`srun` in an allocation of `--nodes=N --ntasks-per-node=2` or more tasks per node "
-            "(see hpcpipe/features.py)"
+            "(see hpcpipe/steps/features.py)"
         )
-    roles = slurm_roles(plan)
+    roles = slurm_roles(plan, env)
     if not roles.active:
         log.info("rank %d idle: its node already runs %d workers on %d usable CPUs", roles.rank,
                  plan.workers_per_node, plan.cpus_usable)

@@ -24,13 +24,16 @@ killed job leaves only complete buckets; a rerun skips them (and logs so) and wr
 ``features/manifest.json`` last. A killed worker costs only the bucket it had in flight: Dask's
 nanny restarts it, the bucket is computed again, and its temporary is removed at the end.
 
-Several nodes: the step runs once per Slurm task under ``srun`` (see hpcpipe/dask_cluster.py):
-rank 0 runs the Dask scheduler, rank 1 the code below, the other ranks one worker each (ranks
-beyond their node's usable CPUs idle). hpcpipe's sbatch asks for ``--nodes=N
---ntasks-per-node=2 --cpus-per-task=T`` (ranks 0 and 1 take node 1's two tasks); launch with
-``srun --cpus-per-task=$SLURM_CPUS_PER_TASK python jobs/features.py --run-dir RUN`` (since Slurm
-22.05 srun does not take --cpus-per-task over from sbatch). The scheduler's address goes to
-``features/.dask-scheduler-<jobid>-<restart>.json`` in the run folder, which every node must see.
+Several nodes: the step runs once per Slurm task under ``srun``, one task per Dask process (see
+:mod:`hpcpipe.runtime.dask_cluster`): rank 0 runs the Dask scheduler, rank 1 the code below, every
+later rank one worker with its task's CPUs as threads (ranks beyond their node's usable CPUs
+idle). hpcpipe's sbatch asks for ``--nodes=N --ntasks-per-node=W --cpus-per-task=T``: a node's
+share of ``features.cpus`` cut into W tasks of T = ``threads_per_worker`` CPUs (W at least 2; the
+scheduler and client take node 1's first two tasks, so they cost two tasks' CPUs, not a node).
+It launches ``srun --cpus-per-task=$SLURM_CPUS_PER_TASK python -m hpcpipe.jobs.features
+--run-dir RUN`` (since Slurm 22.05 srun does not take --cpus-per-task over from sbatch). The
+scheduler's address goes to ``features/.dask-scheduler-<jobid>-<restart>.json`` in the run
+folder, which every node must see.
 """
 
 from __future__ import annotations
@@ -46,9 +49,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from hpcpipe.config import FeaturesConfig, RunConfig
 from hpcpipe.errors import InputError
@@ -57,9 +60,10 @@ from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.runtime import faulthooks
 from hpcpipe.runtime.env import JobEnvironment
+from hpcpipe.steps.done import already_done
 
 if TYPE_CHECKING:
-    import pandas as pd
+    import pandas as pd  # type: ignore[import-untyped]
     from distributed import Client
 
 log = logging.getLogger(__name__)
@@ -362,6 +366,14 @@ def _is_done(out: Path, files: list[str]) -> bool:
     return out.stat().st_mtime >= newest_input
 
 
+def _complete(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a finished features step in ``out_dir``, or None."""
+    manifest = already_done(out_dir / MANIFEST)
+    if manifest is not None:
+        log.info("features already complete (%s exists), nothing to do", out_dir / MANIFEST)
+    return manifest
+
+
 def build_features(
     in_dir: Path,
     out_dir: Path,
@@ -383,10 +395,9 @@ def build_features(
     buckets_skipped, n_workers) is appended.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    manifest_path = out_dir / MANIFEST
-    if manifest_path.is_file():
-        log.info("features already complete (%s exists), nothing to do", manifest_path)
-        return read_json(manifest_path)
+    done = _complete(out_dir)
+    if done is not None:
+        return done
     if last_week is None:
         ingest_manifest = in_dir / MANIFEST
         if not ingest_manifest.is_file():
@@ -409,7 +420,7 @@ def build_features(
             return build_features(in_dir, out_dir, cfg, last_week, metrics, own_client, progress)
 
     from distributed import as_completed
-    from tqdm import tqdm
+    from tqdm import tqdm  # type: ignore[import-untyped]
 
     start = time.perf_counter()
     buckets = _input_buckets(in_dir)
@@ -487,7 +498,7 @@ def build_features(
     log.info("features summary: %s", " ".join(f"{k}={v}" for k, v in summary.items()))
     if metrics is not None:
         metrics.write("summary", **summary)
-    write_json(manifest_path, manifest)
+    write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
@@ -498,10 +509,9 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
     Under ``srun`` on several nodes every rank calls this; only the client rank computes, the
     scheduler and worker ranks return ``{}`` when the cluster shuts down.
     """
-    manifest_path = layout.features / MANIFEST
-    if manifest_path.is_file():
-        log.info("features already complete (%s exists), nothing to do", manifest_path)
-        return read_json(manifest_path)
+    done = _complete(layout.features)
+    if done is not None:
+        return done
     ingest_manifest = layout.ingest / MANIFEST
     if not ingest_manifest.is_file():
         raise InputError(
@@ -512,13 +522,14 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
 
     from hpcpipe.runtime.dask_cluster import open_cluster
 
+    if env is None:
+        env = JobEnvironment.from_environ()
     # A requeued job keeps its id: the restart count keeps the previous attempt's file, which
     # names a dead scheduler, from being read.
-    job_id = os.environ.get("SLURM_JOB_ID", "local")
-    restart = os.environ.get("SLURM_RESTART_COUNT", "0")
+    job_id = env.job_id if env.in_slurm else "local"
     layout.features.mkdir(parents=True, exist_ok=True)
-    scheduler_file = layout.features / f".dask-scheduler-{job_id}-{restart}.json"
-    with open_cluster(cfg.features, scheduler_file=scheduler_file) as client:
+    scheduler_file = layout.features / f".dask-scheduler-{job_id}-{env.restart_count}.json"
+    with open_cluster(cfg.features, scheduler_file=scheduler_file, env=env) as client:
         if client is None:
             return {}
         return build_features(layout.ingest, layout.features, cfg.features, last_week,
