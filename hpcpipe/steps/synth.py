@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from hpcpipe.files import atomic_path
 
@@ -379,7 +379,7 @@ def _write_jsonl(path: Path, blocks: Iterator[Any], compress: bool) -> None:
     """Write byte blocks to ``path`` (gzip level 1 when ``compress``); while one block is being
     compressed and written in a thread, the next one is built."""
     with open(path, "wb") as raw:
-        out: BinaryIO = raw
+        out: BinaryIO | gzip.GzipFile = raw
         if compress:  # no name and mtime 0 in the header: the same seed gives the same bytes
             out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0)
         with ThreadPoolExecutor(1) as pool:
