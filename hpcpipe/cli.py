@@ -101,8 +101,10 @@ def submit(cpus: int | None, gpus: int | None, gpus_per_node: int | None, partit
     """
     from hpcpipe import config, packaged
     from hpcpipe.control import pipeline
+    from hpcpipe.scheduler import choose_backend
+    from hpcpipe.watch.refresh import wait as wait_for_run
 
-    backend = pipeline.choose_backend(local)
+    backend = choose_backend(local)
     if config_file is None:
         config_file = packaged.default_config(local=backend == "local")
     flags: list[str] = []
@@ -130,11 +132,11 @@ def submit(cpus: int | None, gpus: int | None, gpus_per_node: int | None, partit
         return
     click.echo(f"run {run.run_id} ({backend}): {run.layout.root}")
     for step in run.steps():
-        rec = run.current(step)
-        after = f" (after {', '.join(rec['depends_on'])})" if rec["depends_on"] else ""
-        click.echo(f"  {step:<9} job {rec['job_id']}{after}")
+        rec = run.job(step)
+        after = f" (after {', '.join(rec.depends_on)})" if rec.depends_on else ""
+        click.echo(f"  {step:<9} job {rec.job_id}{after}")
     if wait:
-        ok = pipeline.wait(run, click.echo)
+        ok = wait_for_run(run, click.echo)
         if not ok:
             raise click.ClickException(f"run {run.run_id} did not complete; see "
                                        f"`hpcpipe summarize {run.run_id}`")
@@ -161,12 +163,12 @@ def status(run: str | None, watch: bool, interval: float, as_json: bool, runs_di
     One batched squeue and at most one batched sacct call per refresh; ended jobs are cached
     in the run's state file and need no scheduler call. Works where sacct is disabled.
     """
-    from hpcpipe.control import pipeline
     from hpcpipe.watch import status as status_mod
+    from hpcpipe.watch.refresh import refresh, run_finished
 
     r = _open_run(runs_dir, run)
     while True:
-        note = pipeline.refresh(r)
+        note = refresh(r)
         if as_json:
             click.echo(json.dumps({"run": r.run_id, "backend": r.backend_name, "note": note,
                                    "steps": status_mod.step_rows(r)}, indent=2))
@@ -176,7 +178,7 @@ def status(run: str | None, watch: bool, interval: float, as_json: bool, runs_di
                 click.echo("\x1b[H\x1b[2J" + time.strftime("%H:%M:%S  ") + text)
             else:
                 click.echo(text)
-        if not watch or pipeline.run_finished(r):
+        if not watch or run_finished(r):
             return
         time.sleep(interval)
 
@@ -185,16 +187,21 @@ def status(run: str | None, watch: bool, interval: float, as_json: bool, runs_di
 @runs_dir_option
 def runs(runs_dir: Path) -> None:
     """List the runs in the runs folder, oldest first, with each step's last known state."""
-    from hpcpipe.run.folder import Run, list_runs
+    from hpcpipe.errors import RunError
+    from hpcpipe.run.folder import Run, list_runs, read_state
 
     found = list_runs(runs_dir)
     if not found:
         click.echo(f"no runs in {runs_dir.resolve()}")
         return
     for root in found:
-        r = Run(root, json.loads((root / "state.json").read_text()))
-        steps = "  ".join(f"{s}:{(r.current(s) or {}).get('state', '-')}" for s in r.steps())
-        click.echo(f"{r.run_id}  {r.backend_name:<5}  {r.state.get('created', '')}  {steps}")
+        try:
+            r = Run(root, read_state(root / "state.json"))
+        except (OSError, RunError) as exc:
+            click.echo(f"{root.name}  damaged: {exc}")
+            continue
+        steps = "  ".join(f"{s}:{rec.state}" for s in r.steps() if (rec := r.current(s)))
+        click.echo(f"{r.run_id}  {r.backend_name:<5}  {r.state.created}  {steps}")
 
 
 @main.command()
@@ -229,11 +236,11 @@ def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
     memory, throughput, the training curve against the naive baselines, and a diagnosis of what
     went wrong with the evidence line and the next thing to do. Also written to summary.md."""
     from hpcpipe import files
-    from hpcpipe.control import pipeline
     from hpcpipe.watch import summary
+    from hpcpipe.watch.refresh import refresh
 
     r = _open_run(runs_dir, run)
-    note = pipeline.refresh(r)
+    note = refresh(r)
     with r.try_lock() as locked:
         if locked:  # re-read under the lock so a rerun's new jobs are never written over
             r.reload()
@@ -306,11 +313,10 @@ def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
 def predict(run: str | None, runs_dir: Path) -> None:
     """Write predictions for the latest week of every product from RUN's best checkpoint
     (to runs/<run-id>/predictions.parquet)."""
-    from hpcpipe.control.pipeline import load_run_config
     from hpcpipe.steps.train.predict import predict as do_predict
 
     r = _open_run(runs_dir, run)
-    path = do_predict(r.layout, load_run_config(r))
+    path = do_predict(r.layout, r.load_config())
     click.echo(f"predictions: {path}")
 
 

@@ -214,7 +214,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     for name, value in data.items():
         key = f"{where}.{name}" if where else name
         tp = hints[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, value or {}, key)
         else:
             kwargs[name] = _coerce(value, tp, key)

@@ -20,23 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from hpcpipe.scheduler.states import ENDED_STATES
+
 TESTBED = Path(__file__).parent / "slurm" / "testbed.sh"
 DEFAULT_TESTBED_DIR = "/var/tmp/hpcpipe-slurm"
 
-# Job states after which a job never changes again (a requeue goes through PENDING instead).
-TERMINAL_STATES = frozenset(
-    {
-        "BOOT_FAIL",
-        "CANCELLED",
-        "COMPLETED",
-        "DEADLINE",
-        "FAILED",
-        "NODE_FAIL",
-        "OUT_OF_MEMORY",
-        "PREEMPTED",
-        "TIMEOUT",
-    }
-)
 
 # "Key=value Key=value" where a value may contain spaces (Command=, WorkDir=, Reason=...).
 _SCONTROL_FIELD = re.compile(r"(?:^|\s)([A-Za-z][\w/:]*)=")
@@ -106,7 +94,7 @@ class SlurmCluster:
             state = self.state(job_id)
             if state in wanted:
                 return state
-            if state in TERMINAL_STATES:
+            if state in ENDED_STATES:
                 pytest.fail(
                     f"job {job_id} ended {state}, expected {sorted(wanted)}: "
                     f"{self.job_info(job_id)}"

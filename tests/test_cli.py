@@ -76,9 +76,9 @@ def test_status_logs_and_runs_on_a_local_run(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["status", "--runs-dir", str(runs)])
     assert result.exit_code == 0, result.output
     row = [line for line in result.output.splitlines() if line.startswith("ingest")][0]
-    assert run.current("ingest")["job_id"] in row and "COMPLETED" in row
+    assert run.current("ingest").job_id in row and "COMPLETED" in row
     # the ended state is cached in the state file
-    assert Run.open(runs).current("ingest")["final"] is True
+    assert Run.open(runs).current("ingest").final is True
     logs = CliRunner().invoke(main, ["logs", "ingest", "--runs-dir", str(runs)])
     assert logs.output.splitlines() == ["hello", "it: 100%"]
     grep = CliRunner().invoke(main, ["logs", "ingest", "--grep", "hel+o", "--runs-dir", str(runs)])

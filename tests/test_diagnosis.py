@@ -112,7 +112,7 @@ def test_a_job_cancelled_while_waiting_never_started_whatever_sacct_says(
         run.add_job(step, jid, [], Path("x")).update(state="COMPLETED" if jid == "1" else
                                                       "CANCELLED", final=True)
     rec = run.add_job("train", info.job_id, ["2"], Path("x"))
-    rec["cancelled_by"] = "alice"  # what `hpcpipe cancel` records
+    rec.cancelled_by = "alice"  # what `hpcpipe cancel` records
     run.apply({info.job_id: info})
     train = next(d for d in diagnose(run) if d.step == "train")
     assert train.problem == "CANCELLED by alice before it started", train

@@ -11,7 +11,8 @@ from hpcpipe.config import load_config
 from hpcpipe.control.render import render_step
 from hpcpipe.errors import ConfigError
 from hpcpipe.run.layout import RunLayout
-from hpcpipe.scheduler import LocalBackend, SlurmBackend
+from hpcpipe.scheduler.local import LocalBackend
+from hpcpipe.scheduler.slurm_backend import SlurmBackend
 
 HOSTILE = ["; rm -rf /tmp/x", "$(touch /tmp/pwned)", "`touch /tmp/pwned`", "a\nrm -rf ~",
            "x' || touch /tmp/pwned '"]

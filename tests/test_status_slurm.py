@@ -68,4 +68,4 @@ def test_status_is_batched_caches_end_states_and_works_without_sacct(
         slurm_cluster.cancel(running, waiting)
     time.sleep(1)
     state = Run.open(tmp_path / "runs").current("ingest")
-    assert state["state"] == "COMPLETED" and state["final"] is True
+    assert state.state == "COMPLETED" and state.final is True

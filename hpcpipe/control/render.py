@@ -37,8 +37,8 @@ class StepResources:
 def resources(cfg: RunConfig, step: str) -> StepResources:
     """The allocation a step asks for, from its config section."""
     if step == "ingest":
-        c = cfg.ingest
-        return StepResources(1, 1, c.cpus, c.time, c.mem)
+        i = cfg.ingest
+        return StepResources(1, 1, i.cpus, i.time, i.mem)
     if step == "features":
         c = cfg.features
         if c.nodes == 1:

@@ -14,21 +14,15 @@ import errno
 import fcntl
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 from hpcpipe import files
-from hpcpipe.config import STEPS
+from hpcpipe.config import STEPS, RunConfig, load_config
 from hpcpipe.errors import RunError
 from hpcpipe.run.layout import RunLayout
-from hpcpipe.scheduler.slurm import TERMINAL_STATES, JobInfo
-
-STATE_VERSION = 1
-
-
-def default_runs_dir() -> Path:
-    return Path(os.environ.get("HPCPIPE_RUNS_DIR", "runs"))
+from hpcpipe.run.record import JobRecord, RunState, now
+from hpcpipe.scheduler.base import JobInfo
 
 
 def new_run_id(name: str | None = None) -> str:
@@ -39,7 +33,7 @@ def new_run_id(name: str | None = None) -> str:
 class Run:
     """A run folder and its state; load with :meth:`open` or make with :meth:`create`."""
 
-    def __init__(self, root: Path, state: dict[str, Any]) -> None:
+    def __init__(self, root: Path, state: RunState) -> None:
         self.layout = RunLayout(Path(root).resolve())
         self.state = state
 
@@ -52,13 +46,9 @@ class Run:
             root.mkdir(parents=True)
         except FileExistsError:
             raise RunError(f"run folder {root} already exists; choose another name") from None
-        state = {
-            "version": STATE_VERSION, "run_id": run_id, "backend": backend,
-            "created": dt.datetime.now().isoformat(timespec="seconds"),
-            "logs_dir": str(Path(logs_dir).resolve() / run_id),
-            "steps": {}, "events": [],
-        }
-        # The caller saves the state under the run's lock (see pipeline.submit), so that no
+        state = RunState(run_id=run_id, backend=backend,
+                         logs_dir=str(Path(logs_dir).resolve() / run_id))
+        # The caller saves the state under the run's lock (see control.plan.apply), so that no
         # other command can open the run before its first jobs are recorded.
         return cls(root, state)
 
@@ -76,81 +66,70 @@ class Run:
             known = ", ".join(r.name for r in list_runs(runs_dir)[-5:]) or "none"
             raise RunError(f"no run '{run}' in {Path(runs_dir).resolve()} (latest: {known}); "
                            "see `hpcpipe runs`")
-        try:
-            state = files.read_json(path)
-        except ValueError as exc:
-            raise RunError(f"the state file {path} is damaged ({exc}); it cannot be read") from None
-        return cls(root, state)
+        return cls(root, read_state(path))
 
     # -- state -------------------------------------------------------------------------------
 
     @property
     def run_id(self) -> str:
-        return self.state["run_id"]
+        return self.state.run_id
 
     @property
     def backend_name(self) -> str:
-        return self.state["backend"]
+        return self.state.backend
 
     def save(self) -> None:
-        files.write_json(self.layout.state, self.state)
+        files.write_json(self.layout.state, self.state.to_json())
 
     def steps(self) -> list[str]:
-        return [s for s in STEPS if s in self.state["steps"]]
+        return [s for s in STEPS if s in self.state.steps]
 
-    def jobs(self, step: str) -> list[dict[str, Any]]:
-        return self.state["steps"].get(step, {}).get("jobs", [])
+    def jobs(self, step: str) -> list[JobRecord]:
+        return self.state.steps.get(step, [])
 
-    def current(self, step: str) -> dict[str, Any] | None:
+    def all_jobs(self) -> list[JobRecord]:
+        return [j for s in self.steps() for j in self.jobs(s)]
+
+    def current(self, step: str) -> JobRecord | None:
         jobs = self.jobs(step)
         return jobs[-1] if jobs else None
 
-    def log_path(self, step: str, job_id: str) -> Path:
-        return Path(self.state["logs_dir"]) / f"{step}-{job_id}.out"
+    def load_config(self, overrides: Sequence[str] = ()) -> RunConfig:
+        """The run's resolved config, with ``--set`` overrides applied (validated as at submit)."""
+        return load_config(self.layout.config, list(overrides))
 
-    def add_job(self, step: str, job_id: str, depends_on: list[str], script: Path) -> dict:
-        rec = {
-            "job_id": job_id, "submitted": dt.datetime.now().isoformat(timespec="seconds"),
-            "depends_on": list(depends_on), "script": str(script), "state": "PENDING",
-            "reason": "Dependency" if depends_on else "", "final": False,
-            "log": str(self.log_path(step, job_id)),
-        }
-        self.state["steps"].setdefault(step, {"jobs": []})["jobs"].append(rec)
+    def job(self, step: str) -> JobRecord:
+        """The current job of a step the run has; RunError if it has none."""
+        rec = self.current(step)
+        if rec is None:
+            raise RunError(f"run {self.run_id} has no job for step '{step}' "
+                           f"(it has {', '.join(self.steps()) or 'none'})")
+        return rec
+
+    def log_path(self, step: str, job_id: str) -> Path:
+        return Path(self.state.logs_dir) / f"{step}-{job_id}.out"
+
+    def add_job(self, step: str, job_id: str, depends_on: list[str], script: Path) -> JobRecord:
+        rec = JobRecord(job_id=job_id, submitted=now(), depends_on=list(depends_on),
+                        script=str(script), reason="Dependency" if depends_on else "",
+                        log=str(self.log_path(step, job_id)))
+        self.state.steps.setdefault(step, []).append(rec)
         return rec
 
     def event(self, text: str) -> None:
-        self.state["events"].append(
-            {"time": dt.datetime.now().isoformat(timespec="seconds"), "text": text})
+        self.state.events.append({"time": now(), "text": text})
 
     def open_jobs(self) -> list[str]:
-        """Job ids whose last known state is not terminal (they need a scheduler query)."""
-        return [j["job_id"] for s in self.steps() for j in self.jobs(s) if not j.get("final")]
+        """Job ids whose last known state is not final (they need a scheduler query)."""
+        return [j.job_id for j in self.all_jobs() if not j.final]
 
     def apply(self, infos: dict[str, JobInfo]) -> bool:
         """Fold scheduler answers into the state; return True if anything changed."""
         changed = False
-        for step in self.steps():
-            for rec in self.jobs(step):
-                info = infos.get(rec["job_id"])
-                if info is None or rec.get("final"):
-                    continue
-                new = {
-                    "state": info.state, "reason": info.reason, "elapsed": info.elapsed,
-                    "time_limit": info.time_limit or rec.get("time_limit", ""),
-                    "nodes": info.nodes or rec.get("nodes", ""),
-                    "exit_code": info.exit_code or rec.get("exit_code", ""),
-                    "restarts": max(info.restarts, rec.get("restarts", 0)),
-                    "start": info.start or rec.get("start", ""), "end": info.end,
-                    # A preempted or node-failed job may still be requeued by Slurm: keep asking.
-                    "final": info.state in TERMINAL_STATES - {"PREEMPTED", "NODE_FAIL"},
-                }
-                new.update({k: v for k, v in info.extra.items() if v})
-                if rec.get("cancelled_by") and info.state == "CANCELLED" and \
-                        info.reason in ("Dependency", "DependencyNeverSatisfied"):
-                    new["reason"] = ""  # cancelled by a user while it waited, not by Slurm
-                if any(rec.get(k) != v for k, v in new.items()):
-                    rec.update(new)
-                    changed = True
+        for rec in self.all_jobs():
+            info = infos.get(rec.job_id)
+            if info is not None and rec.apply(info):
+                changed = True
         return changed
 
     # -- locking -----------------------------------------------------------------------------
@@ -179,8 +158,8 @@ class Run:
     def reload(self) -> None:
         """Read the state file again; kept as it is if the file cannot be read just now."""
         try:
-            self.state = files.read_json(self.layout.state)
-        except (OSError, ValueError):
+            self.state = read_state(self.layout.state)
+        except (OSError, RunError):
             pass
 
     def try_lock(self) -> contextlib.AbstractContextManager[bool]:
@@ -203,6 +182,14 @@ def _try_lock(path: Path) -> Iterator[bool]:
             yield False
     finally:
         os.close(fd)
+
+
+def read_state(path: Path) -> RunState:
+    """The state file at ``path``; RunError names the file when it is damaged."""
+    try:
+        return RunState.from_json(files.read_json(path))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise RunError(f"the state file {path} is damaged ({exc}); it cannot be read") from None
 
 
 def list_runs(runs_dir: Path) -> list[Path]:

@@ -3,10 +3,35 @@ states, cancel jobs, and check a resource layout before anything is queued."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpcpipe.config import RunConfig
-from hpcpipe.scheduler.slurm import JobInfo
+from hpcpipe.scheduler.states import meaning
+
+
+@dataclass
+class JobInfo:
+    """What the scheduler says of one job; fields a source does not know stay empty."""
+
+    job_id: str
+    state: str
+    reason: str = ""
+    elapsed: str = ""
+    time_limit: str = ""
+    nodes: str = ""
+    exit_code: str = ""
+    restarts: int = 0
+    submit: str = ""
+    start: str = ""
+    end: str = ""
+    source: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        """The job is over (for now: see :mod:`hpcpipe.scheduler.states`)."""
+        return meaning(self.state).ended
 
 
 class Backend:
@@ -31,6 +56,10 @@ class Backend:
 
     def cancel(self, job_ids: list[str]) -> None:
         raise NotImplementedError
+
+    def accounting(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        """Accounting figures (CPU time, peak memory...) of ended jobs; {} where there are none."""
+        return {}
 
     def check(self, cfg: RunConfig) -> None:
         """Raise ConfigError if the cluster cannot place the requested layout."""

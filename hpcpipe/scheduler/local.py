@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 
 from hpcpipe import files
-from hpcpipe.scheduler.base import Backend
-from hpcpipe.scheduler.slurm import TERMINAL_STATES, JobInfo
+from hpcpipe.scheduler.base import Backend, JobInfo
+from hpcpipe.scheduler.states import is_ended
 from hpcpipe.users import user_name
 
 POLL_S = 0.5
@@ -105,7 +105,7 @@ class LocalBackend(Backend):
                 continue
             state = rec["state"]
             reason = rec.get("reason", "")
-            if state not in TERMINAL_STATES and not _alive(pid):
+            if not is_ended(state) and not _alive(pid):
                 state, reason = "FAILED", "RunnerLost"
             jobs[jid] = JobInfo(
                 job_id=jid, state=state, reason=reason,

@@ -9,18 +9,15 @@ controller that does not answer raises :class:`~hpcpipe.errors.SchedulerUnreacha
 from __future__ import annotations
 
 import logging
-import os
 import re
-import shutil
 import subprocess
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 from hpcpipe.errors import SchedulerError, SchedulerUnreachableError
+from hpcpipe.scheduler.base import JobInfo
 
 log = logging.getLogger(__name__)
-
-#: Number of scheduler commands run by this process (the status benchmark reads it).
-CALLS: list[list[str]] = []
 
 _UNREACHABLE = re.compile(
     r"Unable to contact slurm controller|Connection refused|Socket timed out|"
@@ -29,20 +26,8 @@ _UNREACHABLE = re.compile(
 )
 _ACCOUNTING_OFF = re.compile(r"accounting storage is disabled|slurmdbd.*(down|connection)", re.I)
 
-TERMINAL_STATES = frozenset({
-    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
-    "BOOT_FAIL", "DEADLINE", "REVOKED", "SPECIAL_EXIT",
-})
-
-
-def available() -> bool:
-    """True where ``sbatch`` is on PATH, i.e. hpcpipe can talk to a Slurm cluster."""
-    return shutil.which("sbatch") is not None
-
-
 def call(cmd: list[str], timeout: float = 60) -> str:
     """Run one scheduler command and return its stdout; raise SchedulerError on failure."""
-    CALLS.append(list(cmd))
     log.debug("scheduler: %s", cmd)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -63,7 +48,7 @@ def call(cmd: list[str], timeout: float = 60) -> str:
 # Submitting and cancelling
 
 
-def sbatch(script: str, args: list[str] = ()) -> str:
+def sbatch(script: str, args: Sequence[str] = ()) -> str:
     """Submit a script file with ``sbatch --parsable``; return the job id."""
     out = call(["sbatch", "--parsable", *args, script])
     job_id = out.strip().split(";")[0]  # "<id>[;<cluster>]"
@@ -85,29 +70,6 @@ def requeue(job_id: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Querying jobs
-
-
-@dataclass
-class JobInfo:
-    """What the scheduler says of one job; fields a source does not know stay empty."""
-
-    job_id: str
-    state: str
-    reason: str = ""
-    elapsed: str = ""
-    time_limit: str = ""
-    nodes: str = ""
-    exit_code: str = ""
-    restarts: int = 0
-    submit: str = ""
-    start: str = ""
-    end: str = ""
-    source: str = ""
-    extra: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def terminal(self) -> bool:
-        return self.state in TERMINAL_STATES
 
 
 def _started_at(state: str, start: str, nodes: str) -> str:
@@ -344,12 +306,3 @@ def parse_mem(text: str) -> int | None:
         return None
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}[m.group(2)]
     return int(float(m.group(1)) * mult)
-
-
-def environment_ok() -> str | None:
-    """A reason hpcpipe cannot use Slurm here, or None."""
-    if not available():
-        return "sbatch is not on PATH"
-    if os.environ.get("HPCPIPE_BACKEND") == "local":
-        return "HPCPIPE_BACKEND=local"
-    return None

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from hpcpipe.config import RunConfig, train_nodes
-from hpcpipe.errors import ConfigError
+from hpcpipe.errors import ConfigError, SchedulerError
 from hpcpipe.scheduler import slurm as scheduler
-from hpcpipe.scheduler.base import Backend
-from hpcpipe.scheduler.slurm import JobInfo
+from hpcpipe.scheduler.base import Backend, JobInfo
 
 
 class SlurmBackend(Backend):
@@ -37,6 +36,12 @@ class SlurmBackend(Backend):
 
     def cancel(self, job_ids: list[str]) -> None:
         scheduler.scancel(job_ids)
+
+    def accounting(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        try:
+            return scheduler.sacct(job_ids)
+        except SchedulerError:  # accounting off or slurmdbd down: no figures, not an error
+            return {}
 
     def check(self, cfg: RunConfig) -> None:
         """Refuse a layout the partition cannot place, using one ``sinfo`` call."""

@@ -13,8 +13,8 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from hpcpipe.control.pipeline import is_active, refresh
 from hpcpipe.run.folder import Run
+from hpcpipe.watch.refresh import refresh
 
 Echo = Callable[[str], None]
 
@@ -115,15 +115,13 @@ def show(run: Run, step: str, echo: Echo, follow: bool, flt: LineFilter,
     announced and followed; a rerun (new job id) switches to the new job's file. It stops when
     the step's current job has ended and no command that may resubmit it (a rerun) holds the run.
     """
-    cur = run.current(step)
-    if cur is None:
-        raise_no_step(run, step)
-    job_id, offset = cur["job_id"], 0
-    restarts = cur.get("restarts", 0)
-    path = Path(cur["log"])
+    cur = run.job(step)
+    job_id, offset = cur.job_id, 0
+    restarts = cur.restarts
+    path = Path(cur.log)
     if not follow:
         if not path.exists():
-            echo(f"(no log yet at {path}: job {job_id} is {cur.get('state', '?')})")
+            echo(f"(no log yet at {path}: job {job_id} is {cur.state})")
             return
         for line in iter_log(path):
             if flt(line):
@@ -150,32 +148,26 @@ def show(run: Run, step: str, echo: Echo, follow: bool, flt: LineFilter,
         if time.time() - last_refresh >= max(poll_s, 2.0):
             refresh(run)
             last_refresh = time.time()
-            cur = run.current(step)
-            if cur["job_id"] != job_id:
+            cur = run.job(step)
+            if cur.job_id != job_id:
                 drain()
-                job_id, path, offset = cur["job_id"], Path(cur["log"]), 0
-                restarts = cur.get("restarts", 0)
+                job_id, path, offset = cur.job_id, Path(cur.log), 0
+                restarts = cur.restarts
                 echo(f"==> {path} (job {job_id}, resubmitted)")
                 continue
-            if cur.get("restarts", 0) > restarts:
-                restarts = cur["restarts"]
+            if cur.restarts > restarts:
+                restarts = cur.restarts
                 echo(f"==> job {job_id} requeued (restart {restarts}); following {path}")
-            if not is_active(cur):
+            if not cur.active:
                 with run.try_lock() as free:
                     busy = not free
                 if busy:  # a rerun or cancel is under way: it may resubmit the step
                     time.sleep(poll_s)
                     continue
                 refresh(run)
-                if run.current(step)["job_id"] != job_id:
+                if run.job(step).job_id != job_id:
                     continue
                 drain()
-                echo(f"==> job {job_id} ended: {cur.get('state')}")
+                echo(f"==> job {job_id} ended: {cur.state}")
                 return
         time.sleep(poll_s)
-
-
-def raise_no_step(run: Run, step: str) -> None:
-    from hpcpipe.errors import RunError
-
-    raise RunError(f"run {run.run_id} has no step '{step}' (it has {', '.join(run.steps())})")

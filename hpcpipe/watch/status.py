@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from hpcpipe.run.folder import Run
+from hpcpipe.run.record import JobRecord
 from hpcpipe.users import user_name
 
 
@@ -14,32 +15,32 @@ def step_rows(run: Run) -> list[dict[str, Any]]:
     for step in run.steps():
         jobs = run.jobs(step)
         cur = jobs[-1]
-        state = cur.get("state", "?")
+        state = cur.state
         detail = _detail(cur)
         rows.append({
-            "step": step, "job_id": cur["job_id"], "state": state, "reason": detail,
-            "elapsed": cur.get("elapsed", ""), "time_limit": cur.get("time_limit", ""),
-            "nodes": cur.get("nodes", ""), "exit_code": cur.get("exit_code", ""),
-            "restarts": cur.get("restarts", 0),
-            "earlier": [j["job_id"] for j in jobs[:-1]], "log": cur.get("log", ""),
+            "step": step, "job_id": cur.job_id, "state": state, "reason": detail,
+            "elapsed": cur.elapsed, "time_limit": cur.time_limit,
+            "nodes": cur.nodes, "exit_code": cur.exit_code,
+            "restarts": cur.restarts,
+            "earlier": [j.job_id for j in jobs[:-1]], "log": cur.log,
         })
     return rows
 
 
-def _detail(rec: dict[str, Any]) -> str:
+def _detail(rec: JobRecord) -> str:
     """Why a job waits, or how it ended: the REASON/EXIT column."""
-    state, reason = rec.get("state", ""), rec.get("reason", "")
+    state, reason = rec.state, rec.reason
     if state == "COMPLETED":
         return ""
     if reason == "DependencyNeverSatisfied" or state in ("PENDING", "REQUEUED"):
         return reason
     if state == "CANCELLED":
-        by = rec.get("cancelled_by", "")
+        by = rec.cancelled_by
         return f"by {user_name(by)}" if by else reason or "-"
     if state == "TIMEOUT":
-        return f"time limit {rec.get('time_limit', '')}".strip()
+        return f"time limit {rec.time_limit}".strip()
     if state in ("FAILED", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"):
-        code = rec.get("exit_code", "")
+        code = rec.exit_code
         return f"exit {code}" if code else reason
     return reason
 

@@ -18,7 +18,8 @@ from hpcpipe.config import load_config
 from hpcpipe.errors import ConfigError
 from hpcpipe.run.folder import Run
 from hpcpipe.run.metrics import read_metrics
-from hpcpipe.scheduler import slurm as scheduler
+from hpcpipe.run.record import JobRecord
+from hpcpipe.scheduler import get_backend
 from hpcpipe.users import user_name
 
 
@@ -131,17 +132,12 @@ def _progress(run: Run, step: str) -> str:
     evals = [m for m in read_metrics(run.layout.metrics) if m.get("step") == "train"
              and m.get("kind") == "eval"]
     try:
-        from hpcpipe.control.pipeline import load_run_config
-
-        epochs = load_run_config(run).train.epochs
+        epochs = run.load_config().train.epochs
     except Exception:  # noqa: BLE001 - the report must not fail on a damaged config
         epochs = None
     if not evals:
         return "; it had not finished an epoch"
     return f"; it reached epoch {evals[-1].get('epoch', 0) + 1}/{epochs or '?'}"
-
-
-_ACTIVE = ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED")
 
 
 def diagnose(run: Run) -> list[Diagnosis]:
@@ -164,20 +160,20 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
     rec = run.current(step)
     if rec is None:
         return None
-    state = rec.get("state", "")
-    if rec.get("reason") == "DependencyNeverSatisfied":
+    state = rec.state
+    if rec.reason == "DependencyNeverSatisfied":
         return _dependency_never_satisfied(run, step, rec)
     if state == "COMPLETED":
         return None
-    if state in _ACTIVE:
-        return _requeued(run, step, rec) if rec.get("restarts") else None
-    found = scan_log(Path(rec.get("log", "")))
+    if rec.active:
+        return _requeued(run, step, rec) if rec.restarts else None
+    found = scan_log(Path(rec.log))
     if "cuda_oom" in found:
         return Diagnosis(step, "CUDA out of memory", found["cuda_oom"],
                          "lower train.batch_size (raise train.grad_accum to keep the global batch) "
                          f"or turn on train.grad_checkpointing, then `hpcpipe rerun {step}`")
     if state == "OUT_OF_MEMORY" or "host_oom" in found:
-        peak = f", peak {_bytes(rec['max_rss_bytes'])}" if rec.get("max_rss_bytes") else ""
+        peak = f", peak {_bytes(rec.max_rss_bytes)}" if rec.max_rss_bytes else ""
         return Diagnosis(step, "out of host memory (killed by Slurm/the kernel)",
                          found.get("host_oom", f"sacct state {state}"),
                          f"raise {step}.mem (requested {_requested_mem(run, step, rec)}{peak}) "
@@ -193,8 +189,8 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
             requeue = (" (train.signal_seconds > 0 makes it checkpoint and requeue itself before "
                        "the limit; here that did not happen)")
         return Diagnosis(step, "hit its time limit (TIMEOUT)",
-                         found.get("timeout", f"state TIMEOUT after {rec.get('elapsed')}"),
-                         f"raise {step}.time (now {rec.get('time_limit') or '?'}) and `hpcpipe "
+                         found.get("timeout", f"state TIMEOUT after {rec.elapsed}"),
+                         f"raise {step}.time (now {rec.time_limit or '?'}) and `hpcpipe "
                          f"rerun {step} --set {step}.time=<more>`: it continues from where it "
                          f"stopped{_progress(run, step)}{requeue}")
     if state == "PREEMPTED" or "preempted" in found:
@@ -203,16 +199,16 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
                          "is allowed on the partition)")
     if state == "NODE_FAIL" or "node_fail" in found:
         return Diagnosis(step, "a node failed (NODE_FAIL)",
-                         found.get("node_fail", f"state NODE_FAIL on {rec.get('nodes')}"),
+                         found.get("node_fail", f"state NODE_FAIL on {rec.nodes}"),
                          f"`hpcpipe rerun {step}` (add slurm.extra_sbatch: "
-                         f"[--exclude={rec.get('nodes') or 'NODE'}] if it repeats)")
+                         f"[--exclude={rec.nodes or 'NODE'}] if it repeats)")
     if state == "CANCELLED":
-        by = rec.get("cancelled_by", "")
+        by = rec.cancelled_by
         by = f" by {user_name(by)}" if by else ""
-        ran = "" if rec.get("start") else " before it started"
+        ran = "" if rec.start else " before it started"
         action = f"`hpcpipe rerun {step}` submits it again" if ran else \
             f"`hpcpipe rerun {step}` resumes it in place{_progress(run, step)}"
-        evidence = found.get("cancelled", f"job {rec['job_id']} CANCELLED{by}")
+        evidence = found.get("cancelled", f"job {rec.job_id} CANCELLED{by}")
         return Diagnosis(step, f"CANCELLED{by}{ran}", evidence, action)
     if "traceback" in found:
         frame, msg = found["traceback"]
@@ -221,58 +217,57 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
                          f"{msg} (last frame: {frame})" if frame else msg,
                          f"fix the cause shown, then `hpcpipe rerun {step}` "
                          f"(full traceback: `hpcpipe logs {step} {run.run_id}`)")
-    return Diagnosis(step, f"ended {state} (exit {rec.get('exit_code') or '?'})",
+    return Diagnosis(step, f"ended {state} (exit {rec.exit_code or '?'})",
                      "no known failure pattern in the log",
                      f"read the log: `hpcpipe logs {step} {run.run_id}`")
 
 
-def _dependency_never_satisfied(run: Run, step: str, rec: dict[str, Any]) -> Diagnosis:
+def _dependency_never_satisfied(run: Run, step: str, rec: JobRecord) -> Diagnosis:
     """Name the upstream step that failed (not one that merely never ran) and its evidence."""
     ups = run.steps()[: run.steps().index(step)]
-    failed = [s for s in ups if run.current(s) and run.current(s).get("state") != "COMPLETED"]
-    root = next((s for s in failed
-                 if run.current(s).get("reason") != "DependencyNeverSatisfied"), None)
+    failed = [s for s in ups if (r := run.current(s)) is not None and not r.completed]
+    root = next((s for s in failed if run.job(s).reason != "DependencyNeverSatisfied"), None)
     who = "Slurm" if run.backend_name == "slurm" else "the local runner"
-    never = f"cancelled by {who} before it started" if rec.get("state") == "CANCELLED" \
+    never = f"cancelled by {who} before it started" if rec.state == "CANCELLED" \
         else "pending forever"
     if root is None:
         return Diagnosis(step, f"DependencyNeverSatisfied: never ran ({never})",
-                         f"Slurm reason DependencyNeverSatisfied on job {rec['job_id']}; no "
+                         f"Slurm reason DependencyNeverSatisfied on job {rec.job_id}; no "
                          "failed upstream step is recorded in this run",
                          f"`hpcpipe rerun {step}`")
-    up = run.current(root)
+    up = run.job(root)
     cause = diagnose_step(run, root)
-    evidence = f"upstream {root} (job {up['job_id']}) ended {up.get('state')}"
+    evidence = f"upstream {root} (job {up.job_id}) ended {up.state}"
     if cause is not None:
         evidence += f": {cause.evidence}"
-    fix = "" if up.get("state") == "CANCELLED" else f"fix {root} first (see its diagnosis), then "
+    fix = "" if up.state == "CANCELLED" else f"fix {root} first (see its diagnosis), then "
     return Diagnosis(step, f"DependencyNeverSatisfied: never ran, upstream step {root} ended "
-                     f"{up.get('state')} ({never})", evidence,
+                     f"{up.state} ({never})", evidence,
                      f"{fix}`hpcpipe rerun {root}`: the steps after it are resubmitted behind it")
 
 
-def _requeued(run: Run, step: str, rec: dict[str, Any]) -> Diagnosis:
+def _requeued(run: Run, step: str, rec: JobRecord) -> Diagnosis:
     """A job that was requeued and is queued or running again."""
-    n = rec.get("restarts", 0)
-    found = scan_log(Path(rec.get("log", "")))
+    n = rec.restarts
+    found = scan_log(Path(rec.log))
     line = found.get("requeue", "")
     if re.search(r"SIGUSR2", line):
         return Diagnosis(step, f"requeued {n}x by itself before its time limit (USR2 warning), "
-                         f"now {rec.get('state')}", line,
+                         f"now {rec.state}", line,
                          "nothing to do: it resumes from its checkpoint. To finish in one "
-                         f"allocation raise {step}.time (now {rec.get('time_limit') or '?'})"
+                         f"allocation raise {step}.time (now {rec.time_limit or '?'})"
                          f"{_progress(run, step)}")
     cause = found.get("preempted") or found.get("node_fail") or line
-    return Diagnosis(step, f"requeued {n}x (by Slurm or an admin), now {rec.get('state')}",
-                     cause or f"restart count {n} on job {rec['job_id']}",
+    return Diagnosis(step, f"requeued {n}x (by Slurm or an admin), now {rec.state}",
+                     cause or f"restart count {n} on job {rec.job_id}",
                      "nothing to do: the same job id runs again and resumes its work "
                      f"(`hpcpipe logs {step} -f` follows it)")
 
 
-def _requested_mem(run: Run, step: str, rec: dict[str, Any]) -> str:
+def _requested_mem(run: Run, step: str, rec: JobRecord) -> str:
     """What the step asked for: sacct's ReqMem, else the run's config, else the site default."""
-    if rec.get("req_mem"):
-        return rec["req_mem"]
+    if rec.req_mem:
+        return rec.req_mem
     try:
         cfg = load_config(run.layout.config)
     except (OSError, ConfigError):
@@ -300,10 +295,10 @@ def _seconds(text: str) -> float | None:
     return int(d or 0) * 86400 + int(h or 0) * 3600 + int(mi) * 60 + float(s)
 
 
-def _queue_wait(rec: dict[str, Any]) -> str:
+def _queue_wait(rec: JobRecord) -> str:
     try:
-        sub = dt.datetime.fromisoformat(rec["submitted"])
-        start = dt.datetime.fromisoformat(rec["start"])
+        sub = dt.datetime.fromisoformat(rec.submitted)
+        start = dt.datetime.fromisoformat(rec.start)
     except (KeyError, ValueError, TypeError):
         return "-"
     secs = max(0, int((start - sub).total_seconds()))
@@ -314,19 +309,19 @@ def build_report(run: Run) -> str:
     """The markdown report (also written to ``<run>/summary.md``)."""
     metrics = read_metrics(run.layout.metrics)
     lines = [f"# hpcpipe run {run.run_id}", "", f"backend: {run.backend_name}, created "
-             f"{run.state.get('created', '?')}", "",
+             f"{run.state.created or '?'}", "",
              "| step | job | state | elapsed | queue wait | CPU eff. | max RSS / requested | "
              "throughput | earlier jobs |", "|---|---|---|---|---|---|---|---|---|"]
     for step in run.steps():
-        rec = run.current(step)
+        rec = run.job(step)
         eff = "-"
-        total, elapsed = _seconds(rec.get("total_cpu", "")), _seconds(rec.get("elapsed", ""))
-        cpus = int(rec.get("alloc_cpus") or 0)
+        total, elapsed = _seconds(rec.total_cpu), _seconds(rec.elapsed)
+        cpus = int(rec.alloc_cpus or 0)
         if total is not None and elapsed and cpus:
             eff = f"{100 * total / (elapsed * cpus):.0f}% of {cpus}"
         mem = "-"
-        if rec.get("max_rss_bytes"):
-            mem = f"{_bytes(rec['max_rss_bytes'])} / {rec.get('req_mem') or '?'}"
+        if rec.max_rss_bytes:
+            mem = f"{_bytes(rec.max_rss_bytes)} / {rec.req_mem or '?'}"
         summ = [m for m in metrics if m.get("step") == step and m.get("kind") == "summary"]
         thr = "-"
         if summ:
@@ -335,9 +330,9 @@ def build_report(run: Run) -> str:
                 thr = f"{s['rows_per_s']:,.0f} rows/s"
             elif isinstance(s.get("samples_per_s"), (int, float)):
                 thr = f"{s['samples_per_s']:,.1f} samples/s"
-        earlier = ", ".join(f"{j['job_id']} ({j.get('state', '?')})" for j in run.jobs(step)[:-1])
-        lines.append(f"| {step} | {rec['job_id']} | {rec.get('state', '?')} | "
-                     f"{rec.get('elapsed') or '-'} | {_queue_wait(rec)} | {eff} | {mem} | {thr} | "
+        earlier = ", ".join(f"{j.job_id} ({j.state})" for j in run.jobs(step)[:-1])
+        lines.append(f"| {step} | {rec.job_id} | {rec.state} | "
+                     f"{rec.elapsed or '-'} | {_queue_wait(rec)} | {eff} | {mem} | {thr} | "
                      f"{earlier or '-'} |")
     lines += ["", "## Step results", ""]
     for step in run.steps():
@@ -373,7 +368,7 @@ def build_report(run: Run) -> str:
     lines += ["", "## Diagnosis", ""]
     if not diags:
         lines.append("Nothing went wrong." if all(
-            run.current(s).get("state") == "COMPLETED" for s in run.steps())
+            run.job(s).completed for s in run.steps())
             else "Nothing has failed so far; steps are still queued or running.")
     for d in diags:
         lines += [f"- **{d.step}: {d.problem}**", f"  - evidence: `{d.evidence[:600]}`",
@@ -394,20 +389,19 @@ def refresh_accounting(run: Run) -> None:
     """
     if run.backend_name != "slurm":
         return
-    recs = [run.current(s) for s in run.steps()]
-    ids = [r["job_id"] for r in recs if r.get("final") and not r.get("accounted")]
+    recs = [r for s in run.steps() if (r := run.current(s)) is not None]
+    ids = [r.job_id for r in recs if r.final and not r.accounted]
     if not ids:
         return
-    try:
-        infos = scheduler.sacct(ids)
-    except scheduler.SchedulerError:
-        return
+    infos = get_backend(run.backend_name, run.layout.root).accounting(ids)
     for rec in recs:
-        info = infos.get(rec["job_id"])
+        info = infos.get(rec.job_id)
         if info is None or not info.terminal:
             continue
-        rec.update({k: v for k, v in info.extra.items() if v})
+        for key, value in info.extra.items():
+            if value and hasattr(rec, key):
+                setattr(rec, key, value)
         for key in ("elapsed", "exit_code", "time_limit"):
             if getattr(info, key):
-                rec[key] = getattr(info, key)
-        rec["accounted"] = bool(info.end)
+                setattr(rec, key, getattr(info, key))
+        rec.accounted = bool(info.end)

@@ -1,0 +1,92 @@
+"""Bringing a run's job states up to date: one batched scheduler query, cached in the state file.
+
+Watching commands (status, logs -f, summarize, submit --wait) call :func:`refresh`; it never
+submits or cancels anything.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from hpcpipe.errors import SchedulerError, SchedulerUnreachableError
+from hpcpipe.run.folder import Run
+from hpcpipe.scheduler import get_backend
+from hpcpipe.scheduler.states import is_ended
+
+Echo = Callable[[str], None]
+
+
+def refresh(run: Run) -> str | None:
+    """Ask the scheduler about every job not yet known to be over, in one batch.
+
+    Returns None, or a message saying the scheduler could not be reached (the cached states stay).
+    The state file is read again first (and again under the lock before saving), so a watcher
+    that lives long (``status --watch``, ``logs -f``) sees jobs that a ``rerun`` added meanwhile
+    and never writes back a state older than the file's.
+    """
+    run.reload()
+    open_jobs = run.open_jobs()
+    if not open_jobs:
+        return None
+    backend = get_backend(run.backend_name, run.layout.root)
+    try:
+        infos = backend.query(open_jobs)
+    except SchedulerUnreachableError as exc:
+        return f"the scheduler cannot be reached ({exc}); showing the last known states"
+    except SchedulerError as exc:
+        return f"the scheduler query failed ({exc}); showing the last known states"
+    with run.try_lock() as locked:
+        if locked:
+            run.reload()
+            if run.apply(infos) | mark_never_satisfied(run):
+                try:
+                    run.save()
+                except OSError as exc:  # only a cache: show the states all the same
+                    return f"the states could not be cached in the run folder ({exc})"
+        else:  # a command holding the lock will save its own, newer state
+            run.apply(infos)
+            mark_never_satisfied(run)
+    return None
+
+
+def mark_never_satisfied(run: Run) -> bool:
+    """Name DependencyNeverSatisfied where the scheduler's reason hides it.
+
+    A job that never started, was not cancelled by a user, and waits ``afterok`` on a job that
+    ended without completing can never run, whatever reason squeue showed last (it may read
+    ReqNodeNotAvail or Dependency at the moment --kill-on-invalid-dep removes the job).
+    """
+    ended = {r.job_id: r.state for r in run.all_jobs() if is_ended(r.state)}
+    changed = False
+    for rec in run.all_jobs():
+        if (rec.state in ("CANCELLED", "PENDING") and not rec.start and not rec.cancelled_by
+                and rec.reason != "DependencyNeverSatisfied"
+                and any(ended.get(d, "COMPLETED") != "COMPLETED" for d in rec.depends_on)):
+            rec.reason = "DependencyNeverSatisfied"
+            changed = True
+    return changed
+
+
+def run_finished(run: Run) -> bool:
+    """Every step's current job is over."""
+    return all(not rec.active for s in run.steps() if (rec := run.current(s)) is not None)
+
+
+def wait(run: Run, echo: Echo, poll_s: float = 2.0) -> bool:
+    """Block until every step's current job has ended; return True if all COMPLETED."""
+    last = ""
+    while True:
+        note = refresh(run)
+        line = "  ".join(f"{s}:{_state(run, s)}" for s in run.steps())
+        if line != last:
+            echo(f"[{time.strftime('%H:%M:%S')}] {line}" + (f"  ({note})" if note else ""))
+            last = line
+        if run_finished(run):
+            return all(_state(run, s) == "COMPLETED" for s in run.steps())
+        time.sleep(poll_s)
+
+
+def _state(run: Run, step: str) -> str:
+    rec = run.current(step)
+    return rec.state if rec is not None else "-"
