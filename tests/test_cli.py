@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -163,3 +164,27 @@ def test_summarize_plot_writes_a_png_of_the_curves(tmp_path: Path) -> None:
     png = run.layout.root / "summary.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "| 0 | 0.2 | 1 | 0.6 | 1 | 1.1 | 40% |" in result.output
+
+
+def _named_commands(text: str, code_lines: bool = False) -> set[str]:
+    """Every `hpcpipe WORD` a user is told to run: in backticks, or (``code_lines``, for the
+    README) a command line in a code block."""
+    found = set(re.findall(r"`hpcpipe ([a-z][a-z-]*)", text))
+    if code_lines:
+        found |= set(re.findall(r"^\s*(?:\$ )?hpcpipe ([a-z][a-z-]*)", text, re.M))
+    return found
+
+
+def test_every_hpcpipe_command_named_in_a_message_or_the_readme_exists() -> None:
+    import ast
+
+    known = {name.split()[0] for name, _ in _commands(main)}
+    root = Path(__file__).resolve().parents[1]
+    named: dict[str, set[str]] = {"README.md": _named_commands((root / "README.md").read_text(), True)}
+    for path in sorted((root / "hpcpipe").rglob("*.py")):
+        strings = [n.value for n in ast.walk(ast.parse(path.read_text()))
+                   if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+        named[str(path.relative_to(root))] = _named_commands("\n".join(strings))
+    assert named["README.md"] >= {"submit", "status", "logs", "summarize", "rerun", "cancel"}
+    unknown = {f: sorted(words - known) for f, words in named.items() if words - known}
+    assert not unknown, f"messages name commands that do not exist: {unknown}"
