@@ -8,7 +8,11 @@
   (only the last ``train_weeks`` of them when that is set).
 * Numeric features: counts through log1p, then standardised with statistics of the training weeks.
 * Token ids are cached under ``train/`` as memory-mapped .npy, keyed by the tokenizer files, the
-  product texts and max_length: epochs and later runs never tokenize again.
+  product texts and max_length: epochs and later runs never tokenize again. With a frozen encoder
+  its pooled output per product is cached the same way.
+
+This module uses the model's tokenizer and encoder (``model.py``) to build those caches; the model
+knows nothing of the data, so the two import in one direction only.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp
 from hpcpipe.run.layout import RunLayout
+from hpcpipe.steps.train.model import (
+    Forecaster,
+    encoder_fingerprint,
+    load_tokenizer,
+    mean_pool,
+    tokenizer_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +91,9 @@ def product_text(title: Any, category: Any) -> str:
 
 def load_rows(layout: RunLayout) -> Rows:
     """Read every feature row and the product texts of the run."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.compute as pc  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     wanted = ["parent_asin", "week", "target_next_n"] + [c for c, _ in FEATURE_COLUMNS]
     tables = []
@@ -115,20 +126,7 @@ def load_rows(layout: RunLayout) -> Rows:
         texts += [""] * len(unknown)
         index = pc.index_in(feats["parent_asin"], value_set=pa.array(asins, pa.string()))
 
-    numeric = np.zeros((feats.num_rows, len(NUMERIC_NAMES)), dtype=np.float32)
-    for j, (name, is_count) in enumerate(FEATURE_COLUMNS):
-        col = feats[name].to_numpy(zero_copy_only=False).astype(np.float64)
-        if name == "rating_std":
-            numeric[:, NUMERIC_NAMES.index("rating_std_missing")] = np.isnan(col)
-        col = np.nan_to_num(col, nan=0.0)
-        numeric[:, j] = np.log1p(np.maximum(col, 0.0)) if is_count else col
     week = feats["week"].to_numpy(zero_copy_only=False).astype("datetime64[D]")
-    # Season of the week being predicted (the next one), as a point on the unit circle.
-    target_week = week + np.timedelta64(7, "D")
-    year_start = target_week.astype("datetime64[Y]").astype("datetime64[D]")
-    angle = 2 * np.pi * (target_week - year_start).astype(np.float64) / 365.25
-    numeric[:, NUMERIC_NAMES.index("season_sin")] = np.sin(angle)
-    numeric[:, NUMERIC_NAMES.index("season_cos")] = np.cos(angle)
 
     def f64(name: str) -> np.ndarray:
         return feats[name].to_numpy(zero_copy_only=False).astype(np.float64)
@@ -138,11 +136,29 @@ def load_rows(layout: RunLayout) -> Rows:
         texts=texts,
         product=index.to_numpy(zero_copy_only=False).astype(np.int32),
         week=week,
-        numeric=numeric,
+        numeric=_numeric_features(feats, week),
         n_reviews=f64("n_reviews"),
         roll_mean_4=np.nan_to_num(f64("roll_mean_4"), nan=0.0),
         target=f64("target_next_n"),
     )
+
+
+def _numeric_features(feats: Any, week: np.ndarray) -> np.ndarray:
+    """The (N, F) float32 inputs of NUMERIC_NAMES from the feature table (a pyarrow Table)."""
+    numeric = np.zeros((feats.num_rows, len(NUMERIC_NAMES)), dtype=np.float32)
+    for j, (name, is_count) in enumerate(FEATURE_COLUMNS):
+        col = feats[name].to_numpy(zero_copy_only=False).astype(np.float64)
+        if name == "rating_std":
+            numeric[:, NUMERIC_NAMES.index("rating_std_missing")] = np.isnan(col)
+        col = np.nan_to_num(col, nan=0.0)
+        numeric[:, j] = np.log1p(np.maximum(col, 0.0)) if is_count else col
+    # Season of the week being predicted (the next one), as a point on the unit circle.
+    target_week = week + np.timedelta64(7, "D")
+    year_start = target_week.astype("datetime64[Y]").astype("datetime64[D]")
+    angle = 2 * np.pi * (target_week - year_start).astype(np.float64) / 365.25
+    numeric[:, NUMERIC_NAMES.index("season_sin")] = np.sin(angle)
+    numeric[:, NUMERIC_NAMES.index("season_cos")] = np.cos(angle)
+    return numeric
 
 
 @dataclass
@@ -251,8 +267,6 @@ def tokenize_products(tokenizer: Any, texts: list[str], max_length: int,
 def token_cache(train_dir: Path, tokenizer_dir: Path, rows: Rows, max_length: int,
                 is_main: bool, barrier: Callable[[], None]) -> Tokens:
     """The cached token ids for ``rows.products``; rank 0 builds them when absent."""
-    from hpcpipe.steps.train.model import load_tokenizer, tokenizer_fingerprint
-
     name = tokenizer_dir.name.replace(" ", "_")[:40]
     key = (f"{name}-{tokenizer_fingerprint(tokenizer_dir)}-"
            f"{texts_fingerprint(rows.products, rows.texts)}-L{max_length}")
@@ -300,6 +314,32 @@ def embedding_cache(train_dir: Path, encoder_key: str, tokens: Tokens, is_main: 
         log.info("encoded %d products once with the frozen encoder into %s", n, path)
     barrier()
     return np.load(path, mmap_mode="r")
+
+
+def product_embeddings(train_dir: Path, folder: Path, tokens: Tokens, model: Forecaster,
+                       device: torch.device, is_main: bool,
+                       barrier: Callable[[], None]) -> np.ndarray:
+    """Pooled output of the frozen encoder for every product, computed once and cached.
+
+    Computed in fp32 (TF32 on CUDA), so the cache does not depend on the training precision.
+    """
+    encoder = model.encoder
+
+    @torch.no_grad()
+    def embed(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        width = max(1, int(lengths.max()))
+        ids_t = torch.from_numpy(np.ascontiguousarray(ids[:, :width], dtype=np.int64)).to(device)
+        mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
+        out = encoder(input_ids=ids_t, attention_mask=mask.to(device))
+        return mean_pool(out.last_hidden_state, mask.to(device)).float().cpu().numpy()
+
+    was_training = encoder.training
+    encoder.eval()
+    try:
+        return embedding_cache(train_dir, encoder_fingerprint(folder), tokens, is_main, barrier,
+                               embed)
+    finally:
+        encoder.train(was_training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,8 +411,8 @@ class ForecastDataset(Dataset):
         return Batch(batch)
 
 
-def collate_batch(batch: Batch) -> Batch:
-    """The dataset already returns whole batches (``__getitems__``)."""
+def collate_batch(batch: Any) -> Batch:
+    """The dataset already returns whole batches (``__getitems__``): a :class:`Batch`."""
     return batch
 
 

