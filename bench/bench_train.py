@@ -28,7 +28,6 @@ import torch
 
 from hpcpipe.config import TrainConfig
 from hpcpipe.steps.train import data
-from hpcpipe.steps.train.loop import loss_fn
 from hpcpipe.steps.train.model import (
     autocast,
     autocast_dtype,
@@ -38,6 +37,7 @@ from hpcpipe.steps.train.model import (
     model_inputs,
     param_groups,
 )
+from hpcpipe.steps.train.recipe import loss_fn
 
 #: Peak dense bf16/fp16 tensor FLOP/s by GPU name (substring, checked in order).
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),

@@ -27,6 +27,7 @@ import yaml
 from hpcpipe.config import RunConfig, from_dict
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter, read_metrics
+from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps.train import checkpoint, data, dist, predict
 from hpcpipe.steps.train import run as train_run
 
@@ -430,17 +431,17 @@ def test_rank_and_rendezvous_from_slurm_environment(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_LOCALID", "1")
     monkeypatch.setenv("SLURM_JOB_ID", "12345")
-    assert dist.ranks_from_env() == (3, 1, 4)
-    assert dist.master_port() == 15000 + 12345 % 20000
+    assert dist.ranks(JobEnvironment.from_environ()) == (3, 1, 4)
+    assert JobEnvironment.from_environ().master_port == 15000 + 12345 % 20000
     monkeypatch.setenv("MASTER_PORT", "29400")
-    assert dist.master_port() == 29400
+    assert JobEnvironment.from_environ().master_port == 29400
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert dist.ranks_from_env() == (0, 0, 2), "torchrun's variables win"
+    assert dist.ranks(JobEnvironment.from_environ()) == (0, 0, 2), "torchrun's variables win"
     monkeypatch.setenv("SLURM_NTASKS", "1")
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var)
-    assert dist.ranks_from_env() == (0, 0, 1)
+    assert dist.ranks(JobEnvironment.from_environ()) == (0, 0, 1)
 
 
 def test_minilm_encodes_products() -> None:

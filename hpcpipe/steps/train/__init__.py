@@ -1,26 +1,151 @@
 """The train step: a text + numeric-features forecaster trained with torch DDP.
 
-``run(layout, cfg, metrics)`` is the step's entry point (once per rank, see ``loop.py``);
-``hpcpipe.steps.train.predict.predict(layout, cfg)`` writes predictions from a finished run. torch and
-transformers are imported only when one of them is called, so importing this package is cheap.
+``run_job`` is the step as its job runs it (``jobs/train.py``, once per rank): the recipe of
+``recipe.py`` trains until done or stopped by a signal, and a stop is turned here into what the
+job does next, a requeue or an exit code. ``run`` is the same training for callers in a process
+of their own (tests, notebooks). ``hpcpipe.steps.train.predict.predict(layout, cfg)`` writes
+predictions from a finished run. torch and transformers are imported only when one of them is
+called, so importing this package is cheap.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+from hpcpipe.steps.train.stop import SIGNALS, StopReason, StopSignals
+
+if TYPE_CHECKING:  # jobs/train.py imports this package before it may import anything slow
     from hpcpipe.config import RunConfig
     from hpcpipe.run.layout import RunLayout
     from hpcpipe.run.metrics import MetricsWriter
     from hpcpipe.runtime.env import JobEnvironment
+    from hpcpipe.steps.train.recipe import TrainRecipe
 
-__all__ = ["run"]
+__all__ = ["EXIT_CODES", "StopReason", "run", "run_job"]
+
+log = logging.getLogger(__name__)
+
+#: Exit code of a job stopped by a signal and not requeued: 128 + the signal number, as a shell
+#: reports a process the signal killed (SIGUSR2 is 12 and SIGTERM 15 on Linux).
+EXIT_CODES = {StopReason.WARNED: 128 + 12, StopReason.TERMINATED: 128 + 15}
+
+#: Seconds the ranks wait for Slurm to end them after a requeue was accepted. Exiting at once
+#: would let the batch script finish first and the job could be seen as COMPLETED.
+REQUEUE_GRACE_S = 60.0
 
 
 def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
         env: JobEnvironment | None = None) -> dict[str, Any] | None:
-    """Train on the run's features (resuming if a checkpoint exists) and write predictions."""
-    from hpcpipe.steps.train.loop import run as run_training
+    """Train on the run's features (resuming if a checkpoint exists) and write predictions.
 
-    return run_training(layout, cfg, metrics)
+    Returns rank 0's summary record (None on other ranks). Stopped early by SIGUSR2 or SIGTERM,
+    it saves a checkpoint, logs how to resume and returns None; a job uses :func:`run_job`.
+    """
+    with _recipe(layout, cfg, metrics, env) as recipe:
+        reason = _train(recipe)
+        if reason is not StopReason.DONE:
+            _log_stopped(recipe, reason)
+        return recipe.summary
+
+
+def run_job(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
+            env: JobEnvironment | None = None) -> int | None:
+    """The step as its job runs it: None when training finished, else the exit code of a job
+    stopped by a signal (its checkpoint saved).
+
+    Inside Slurm, SIGUSR2 (the warning before the time limit) requeues the job and gives 0 once
+    Slurm ends it for the requeue; otherwise, or if the requeue is refused, 128 + the signal.
+    """
+    job = env or _job_environment()
+    with _recipe(layout, cfg, metrics, job) as recipe:
+        reason = _train(recipe)
+        if reason is StopReason.DONE:
+            return None
+        if reason is StopReason.WARNED and job.in_slurm and job.job_id:
+            if _requeue(recipe, job.job_id):
+                return 0
+        _log_stopped(recipe, reason)
+        return EXIT_CODES[reason]
+
+
+def _train(recipe: TrainRecipe) -> StopReason:
+    recipe.setup()
+    recipe.load_checkpoint()
+    reason = recipe.train()
+    if reason is StopReason.DONE:
+        recipe.summarize()
+    return reason
+
+
+@contextlib.contextmanager
+def _recipe(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
+            env: JobEnvironment | None) -> Iterator[TrainRecipe]:
+    """The recipe, with the stop signals caught; its process group is left at the end."""
+    from hpcpipe.steps.train.recipe import TrainRecipe
+
+    # jobs/train.py installs the handlers first thing and keeps them until the process exits: a
+    # USR2 that comes after the last step (Slurm's warning while predictions are written) must
+    # not kill a run that has finished. Called in-process (tests), we clean up after ourselves.
+    owner = not SIGNALS.installed
+    recipe = TrainRecipe(layout, cfg, metrics, env or _job_environment(), SIGNALS.install())
+    try:
+        yield recipe
+    finally:
+        if owner:
+            SIGNALS.uninstall()
+        recipe.cleanup()
+
+
+def _job_environment() -> JobEnvironment:
+    """This process's environment, for callers that did not build one (tests)."""
+    from hpcpipe.runtime.env import JobEnvironment
+
+    return JobEnvironment.from_environ()
+
+
+def _log_stopped(recipe: TrainRecipe, reason: StopReason) -> None:
+    from hpcpipe.steps.train import checkpoint
+
+    if recipe.main:
+        log.error("stopped by %s at epoch %d step %d; checkpoint saved to %s. Run the train "
+                  "step again to resume from it.", reason.value, recipe.epoch,
+                  recipe.step_in_epoch, checkpoint.last_path(recipe.layout.train))
+
+
+def _requeue(recipe: TrainRecipe, job_id: str) -> bool:
+    """Rank 0 asks Slurm to requeue the job; all ranks agree on the answer and, if it was yes,
+    wait for Slurm to end them. Every rank calls this."""
+    from hpcpipe.errors import SchedulerError
+    from hpcpipe.scheduler import slurm
+    from hpcpipe.steps.train import checkpoint, dist
+
+    where = checkpoint.last_path(recipe.layout.train)
+    ok = 1.0
+    if recipe.main:
+        log.warning("%s at epoch %d step %d: checkpoint saved to %s; requeueing job %s",
+                    StopReason.WARNED.value, recipe.epoch, recipe.step_in_epoch, where, job_id)
+        try:
+            slurm.requeue(job_id)
+        except SchedulerError as exc:
+            log.error("requeue of job %s failed (%s); submit the train step again to "
+                      "resume from %s", job_id, exc, where)
+            ok = 0.0
+    (ok,) = dist.all_reduce_max(recipe.world, [ok])
+    if not ok:
+        return False
+    _wait_to_be_ended(recipe.signals)
+    if recipe.main:
+        log.warning("job %s requeued: it resumes from %s when Slurm starts it again",
+                    job_id, where)
+    return True
+
+
+def _wait_to_be_ended(signals: StopSignals, seconds: float = REQUEUE_GRACE_S) -> None:
+    """Sleep until Slurm's SIGTERM for the requeue arrives (or ``seconds`` pass)."""
+    deadline = time.monotonic() + seconds
+    while not signals.term and time.monotonic() < deadline:
+        time.sleep(0.5)

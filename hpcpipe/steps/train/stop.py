@@ -2,7 +2,9 @@
 time limit) and SIGTERM (scancel, or the limit itself).
 
 A handler only sets a flag; the training loop acts on it at the next optimizer-step boundary,
-where all ranks agree on it through one all-reduce (``dist.agreed_stop``). ``jobs/train.py``
+where all ranks agree on it through one all-reduce (``dist.agreed_stop``), saves a checkpoint and
+returns a :class:`StopReason`; the job entry decides what that means for the job (exit code,
+requeue). ``jobs/train.py``
 installs the handlers before torch is imported: Slurm may send USR2 while a (requeued) job is
 still starting, and USR2's default action would kill the rank with nothing saved. This module
 imports nothing heavy for that reason.
@@ -10,8 +12,17 @@ imports nothing heavy for that reason.
 
 from __future__ import annotations
 
+import enum
 import signal
 from typing import Any
+
+
+class StopReason(enum.Enum):
+    """Why training returned."""
+
+    DONE = "done"  # every epoch trained: predictions follow
+    WARNED = "SIGUSR2"  # Slurm's warning before the time limit: checkpoint, then requeue
+    TERMINATED = "SIGTERM"  # scancel or the time limit itself: checkpoint, then exit non-zero
 
 
 class StopSignals:
