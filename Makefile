@@ -8,11 +8,14 @@ TORCH ?= torch==2.13.0
 
 .PHONY: setup setup-test run test lint bench-features bench-train bench-status
 
+# `make run` installs the package as users do (pip install ., not -e); `make test` installs it
+# editable, for development, and tests the built wheel separately (tests/test_wheel.py).
 setup:
 	$(PIP) install -q "$(TORCH)"
-	$(PIP) install -q -e .
+	$(PIP) install -q .
 
-setup-test: setup
+setup-test:
+	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
 	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/testbed.sh install; \
 	else echo "not root: the Slurm test cluster cannot be installed; slurm tests will skip"; fi
@@ -23,6 +26,7 @@ run: setup
 
 lint:
 	ruff check .
+	mypy
 
 test: setup-test lint
 	$(PY) -m pytest -q
