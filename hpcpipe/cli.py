@@ -6,6 +6,7 @@ need them, so ``hpcpipe --help`` and ``hpcpipe status`` answer at once.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -29,6 +30,33 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except HpcpipeError as exc:
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # a folder the user cannot write, a full disk: say which
+            raise click.ClickException(os_error_message(exc)) from None
+
+
+def os_error_message(exc: OSError) -> str:
+    """What went wrong with which file, and what to do, for an error of the file system."""
+    where = f" {exc.filename}" if exc.filename else ""
+    what = exc.strerror or str(exc)
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        owner = _owner(exc.filename)
+        return (f"{what}:{where}{owner}. hpcpipe needs to write there: use a run or runs folder "
+                "of your own (--runs-dir or HPCPIPE_RUNS_DIR), or ask its owner")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{what}:{where}. Free space (or quota) there and try again"
+    return f"{what}:{where}" if where else what
+
+
+def _owner(path: Any) -> str:
+    from hpcpipe.users import user_name
+
+    p = Path(str(path)) if path else None
+    while p is not None and not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return f" (owned by {user_name(p.stat().st_uid)})" if p is not None else ""
+    except OSError:
+        return ""
 
 
 def runs_dir_option(fn: Callable) -> Callable:
@@ -46,6 +74,19 @@ def _open_run(runs_dir: Path, run: str | None):  # noqa: ANN202 - Run, imported 
     from hpcpipe.run.folder import Run
 
     return Run.open(runs_dir, run)
+
+
+def _regex(value: str | None) -> str | None:
+    import re
+
+    if value is not None:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise click.BadParameter(f"{value!r} is not a valid regular expression ({exc}); "
+                                     "quote it for the shell, or escape special characters "
+                                     "with a backslash (e.g. \\[)") from None
+    return value
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -210,7 +251,8 @@ def runs(runs_dir: Path) -> None:
 @click.option("-f", "--follow", is_flag=True,
               help="Keep printing new lines, across requeues and reruns, until the step ends.")
 @click.option("--rank", type=click.IntRange(min=0), help="Only lines of this srun task (rank).")
-@click.option("--grep", "pattern", help="Only lines matching this regular expression.")
+@click.option("--grep", "pattern", callback=lambda ctx, param, v: _regex(v),
+              help="Only lines matching this regular expression.")
 @runs_dir_option
 def logs(step: str, run: str | None, follow: bool, rank: int | None, pattern: str | None,
          runs_dir: Path) -> None:
@@ -250,7 +292,10 @@ def summarize(run: str | None, plot: bool, runs_dir: Path) -> None:
     text = summary.build_report(r)
     if note:
         text += f"\nnote: {note}\n"
-    files.write_text(r.layout.summary, text)
+    try:
+        files.write_text(r.layout.summary, text)
+    except OSError as exc:  # someone else's run: the report is still worth printing
+        text += f"\nnote: summary.md not written ({os_error_message(exc)})\n"
     click.echo(text)
     if plot:
         from hpcpipe.watch import plot as plot_mod

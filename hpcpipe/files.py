@@ -57,6 +57,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
                           f"disk or quota of {path.parent} is full; the previous version of the "
                           "file, if any, is intact). Free space there and run the step again"
                           ) from exc
+        if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from exc  # not the temp
         raise
 
 

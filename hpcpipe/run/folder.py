@@ -137,7 +137,13 @@ class Run:
     @contextlib.contextmanager
     def lock(self, what: str) -> Iterator[None]:
         """Hold the run's exclusive lock; refuse at once if another command holds it."""
-        fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(self.layout.lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise RunError(
+                f"cannot take the lock of run {self.run_id} to {what} it: {exc.strerror} "
+                f"({self.layout.lock}). Only a user who can write the run folder can change the "
+                "run; status, logs and summarize still work") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -201,12 +207,21 @@ def list_runs(runs_dir: Path) -> list[Path]:
     for p in runs_dir.iterdir():
         state = p / "state.json"
         if state.is_file():
+            # A damaged state file keeps its run's place (by the file's time), so the latest
+            # run is never silently the one before it: opening it then says it is damaged.
             try:
-                created = files.read_json(state).get("created", "")
-            except (OSError, ValueError):
-                created = ""
+                created = str(files.read_json(state)["created"])
+            except (OSError, ValueError, TypeError, KeyError):
+                created = _mtime(state)
             found.append((created, p.name, p))
     return [p for _, _, p in sorted(found)]
+
+
+def _mtime(path: Path) -> str:
+    try:
+        return dt.datetime.fromtimestamp(path.stat().st_mtime).isoformat(timespec="seconds")
+    except OSError:
+        return ""
 
 
 def latest_run(runs_dir: Path) -> Path:

@@ -516,7 +516,7 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
     if not ingest_manifest.is_file():
         raise InputError(
             f"{ingest_manifest} does not exist: the ingest step has not finished; run it first "
-            "(`hpcpipe run` runs the steps in order)"
+            "(`hpcpipe rerun ingest`, or `hpcpipe submit` for a new run)"
         )
     last_week = read_json(ingest_manifest)["last_week"]
 
