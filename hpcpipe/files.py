@@ -50,7 +50,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # e.g. a read-only folder, where nothing was made
+                tmp.unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             # A failed write() names no file; say which output did not fit, and where.
             raise OSError(exc.errno, f"{os.strerror(exc.errno)}: could not write {path} (the "
