@@ -44,5 +44,16 @@ class SchedulerUnreachableError(SchedulerError):
     """The scheduler's controller did not answer (slurmctld down, network partition)."""
 
 
+class PartialAnswer(SchedulerError):
+    """One scheduler source answered and another did not (e.g. slurmctld answers, sacct does not
+    because slurmdbd is down): ``infos`` holds what is known, ``unknown`` the job ids nobody
+    could say anything about. Unknown is not finished: callers keep the last known state."""
+
+    def __init__(self, infos: dict, unknown: list[str], cause: SchedulerError) -> None:
+        super().__init__(cause.cmd, cause.returncode, cause.stdout, cause.stderr)
+        self.infos = infos
+        self.unknown = unknown
+
+
 class SubmissionError(HpcpipeError):
     """Submitting a run failed; jobs already submitted for it were cancelled."""

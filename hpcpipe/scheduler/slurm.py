@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from hpcpipe.errors import SchedulerError, SchedulerUnreachableError
+from hpcpipe.errors import PartialAnswer, SchedulerError, SchedulerUnreachableError
 from hpcpipe.scheduler.base import JobInfo
 
 log = logging.getLogger(__name__)
@@ -250,6 +250,15 @@ def query(job_ids: list[str]) -> dict[str, JobInfo]:
             accounted = sacct(rest + ended)
         except AccountingDisabled:
             jobs.update(scontrol_jobs(rest))
+            return jobs
+        except SchedulerError as exc:
+            # The controller answered (squeue) but accounting did not (slurmdbd down, say): keep
+            # every answer the controller gives, ask it for the forgotten jobs too, and name
+            # the jobs nobody could say anything about rather than hiding the good answers.
+            jobs.update(scontrol_jobs(rest))
+            unknown = [j for j in job_ids if j not in jobs]
+            if unknown:
+                raise PartialAnswer(jobs, unknown, exc) from None
             return jobs
         for jid, info in accounted.items():
             live = jobs.get(jid)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from hpcpipe.errors import SchedulerError, SchedulerUnreachableError
+from hpcpipe.errors import PartialAnswer, SchedulerError, SchedulerUnreachableError
 from hpcpipe.run.folder import Run
 from hpcpipe.scheduler import get_backend
 from hpcpipe.scheduler.states import is_ended
@@ -30,8 +30,13 @@ def refresh(run: Run) -> str | None:
     if not open_jobs:
         return None
     backend = get_backend(run.backend_name, run.layout.root)
+    note = None
     try:
         infos = backend.query(open_jobs)
+    except PartialAnswer as exc:
+        infos = exc.infos
+        note = (f"the scheduler could not say what became of job(s) {', '.join(exc.unknown)} "
+                f"({_short(exc)}); their last known state is shown")
     except SchedulerUnreachableError as exc:
         return f"the scheduler cannot be reached ({exc}); showing the last known states"
     except SchedulerError as exc:
@@ -47,7 +52,12 @@ def refresh(run: Run) -> str | None:
         else:  # a command holding the lock will save its own, newer state
             run.apply(infos)
             mark_never_satisfied(run)
-    return None
+    return note
+
+
+def _short(exc: SchedulerError) -> str:
+    lines = [ln for ln in (exc.stderr or exc.stdout or str(exc)).strip().splitlines() if ln]
+    return f"`{exc.cmd[0]}` said: {lines[-1]}" if lines else f"`{exc.cmd[0]}` failed"
 
 
 def mark_never_satisfied(run: Run) -> bool:
@@ -73,17 +83,34 @@ def run_finished(run: Run) -> bool:
     return all(not rec.active for s in run.steps() if (rec := run.current(s)) is not None)
 
 
-def wait(run: Run, echo: Echo, poll_s: float = 2.0) -> bool:
-    """Block until every step's current job has ended; return True if all COMPLETED."""
-    last = ""
+#: How long ``submit --wait`` goes on while the scheduler cannot say how the run stands.
+UNSURE_LIMIT_S = 600.0
+
+
+def wait(run: Run, echo: Echo, poll_s: float = 2.0, unsure_limit_s: float = UNSURE_LIMIT_S) -> bool:
+    """Block until every step's current job has ended; return True if all COMPLETED.
+
+    While the scheduler cannot say (unreachable, or some jobs unknown), the last known states
+    are shown; after ``unsure_limit_s`` of that without a change, give up and say so (False).
+    """
+    last, unsure_since = "", None
     while True:
         note = refresh(run)
         line = "  ".join(f"{s}:{_state(run, s)}" for s in run.steps())
         if line != last:
             echo(f"[{time.strftime('%H:%M:%S')}] {line}" + (f"  ({note})" if note else ""))
-            last = line
+            last, unsure_since = line, None
         if run_finished(run):
             return all(_state(run, s) == "COMPLETED" for s in run.steps())
+        if note is None:
+            unsure_since = None
+        elif unsure_since is None:
+            unsure_since = time.monotonic()
+        elif time.monotonic() - unsure_since > unsure_limit_s:
+            echo(f"stopped waiting: for {unsure_limit_s:.0f} s the scheduler could not say how "
+                 f"run {run.run_id} stands ({note}). The jobs go on without this command: "
+                 f"`hpcpipe status {run.run_id}` shows them once the scheduler answers")
+            return False
         time.sleep(poll_s)
 
 
