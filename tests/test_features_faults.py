@@ -30,8 +30,8 @@ import psutil
 import pytest
 from hpcli import hp
 
+from hpcpipe import faulthooks
 from hpcpipe.config import FeaturesConfig
-from hpcpipe.runtime import faulthooks
 from hpcpipe.steps import features
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("time_limited_run")]

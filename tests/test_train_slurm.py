@@ -29,8 +29,8 @@ import pytest
 import torch
 from hpcli import hp, steps, wait_for
 
+from hpcpipe import faulthooks
 from hpcpipe.run.metrics import read_metrics
-from hpcpipe.runtime import faulthooks
 from hpcpipe.steps.train import checkpoint
 
 pytestmark = pytest.mark.slurm

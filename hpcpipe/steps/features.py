@@ -53,12 +53,12 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from hpcpipe import faulthooks
 from hpcpipe.config import FeaturesConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp, read_json, write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
-from hpcpipe.runtime import faulthooks
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps.done import already_done
 

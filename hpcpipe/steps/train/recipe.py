@@ -33,12 +33,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]
 
+from hpcpipe import faulthooks
 from hpcpipe.config import RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
-from hpcpipe.runtime import faulthooks
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps.train import checkpoint, data, dist, predict
 from hpcpipe.steps.train.model import (

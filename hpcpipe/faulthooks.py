@@ -14,6 +14,8 @@ import os
 BUCKET_DELAY_ENV = "HPCPIPE_FAULT_BUCKET_DELAY_S"
 #: Every rank waits this long after each optimizer step (a short training run lasts longer).
 STEP_DELAY_ENV = "HPCPIPE_FAULT_STEP_DELAY_S"
+#: submit/rerun wait this long between the scheduler's answer to a submission and recording it.
+AFTER_SUBMIT_DELAY_ENV = "HPCPIPE_FAULT_AFTER_SUBMIT_S"
 
 
 def delay_s(name: str) -> float:
