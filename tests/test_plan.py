@@ -52,6 +52,9 @@ class MemoryBackend(Backend):
     def query(self, job_ids: list[str]) -> dict[str, JobInfo]:
         return {j: JobInfo(j, self.queue[j]) for j in job_ids if j in self.queue}
 
+    def find(self, job_name: str, script: Path) -> list[str]:
+        return [j for j in self.queue if self.queue[j] == "PENDING"]
+
     def cancel(self, job_ids: list[str]) -> None:
         if self.fail_cancel:
             raise SchedulerError(["scancel", *job_ids], 1, "", "Unable to contact slurm controller")
@@ -139,6 +142,28 @@ def test_rerun_uses_the_same_path_and_records_each_job(tmp_path: Path,
     recorded = _on_disk(run)
     queued = {j for j, s in backend.queue.items() if s == "PENDING"}
     assert queued == {"104"} and "104" in recorded, (queued, recorded)
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_ctrl_c_between_answer_and_record_cancels_and_records(tmp_path: Path, at: int,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    run = _new_run(tmp_path)
+    backend = MemoryBackend()
+    calls = {"n": 0}
+
+    def interrupted(seconds: float) -> None:  # the moment after sbatch answered
+        calls["n"] += 1
+        if calls["n"] == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("hpcpipe.control.plan.time.sleep", interrupted)
+    with pytest.raises(SubmissionError, match=f"interrupted at step {['ingest', 'features'][at - 1]}"):
+        apply(_plan(run, backend, ["ingest", "features", "train"]), run, backend)
+    recorded = _on_disk(run)
+    assert set(recorded) == set(backend.queue) and len(recorded) == at
+    assert all(s == "CANCELLED" for s in backend.queue.values())
+    assert all(s == "CANCELLED" for s in recorded.values())
+    assert "submitting" not in json.loads(run.layout.state.read_text())
 
 
 def test_one_table_of_states_covers_what_the_code_distinguishes() -> None:

@@ -44,8 +44,8 @@ def _env() -> dict[str, str]:
 def test_the_wheel_carries_templates_configs_and_job_entries(venv: Path, tmp_path: Path) -> None:
     code = ("import hpcpipe, importlib.resources as r\n"
             "print(hpcpipe.__file__)\n"
-            "print(sorted(p.name for p in r.files('hpcpipe.sbatch').iterdir() if p.name.endswith('.sbatch')))\n"
-            "print(sorted(p.name for p in r.files('hpcpipe.configs').iterdir() if p.name.endswith('.yaml')))\n"
+            "for pkg, end in (('hpcpipe.sbatch', '.sbatch'), ('hpcpipe.configs', '.yaml')):\n"
+            "    print(sorted(p.name for p in r.files(pkg).iterdir() if p.name.endswith(end)))\n"
             "import hpcpipe.jobs.ingest, hpcpipe.jobs.features\n")
     out = subprocess.run([venv / "bin" / "python", "-c", code], cwd=tmp_path, env=_env(),
                          capture_output=True, text=True, check=True).stdout.splitlines()

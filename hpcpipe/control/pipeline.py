@@ -25,7 +25,7 @@ from hpcpipe.run.layout import RunLayout
 from hpcpipe.scheduler import Backend, get_backend
 from hpcpipe.scheduler.states import is_ended
 from hpcpipe.users import user_name
-from hpcpipe.watch.refresh import refresh
+from hpcpipe.watch.refresh import adopt_lost_submission, refresh
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ def cancel(run: Run, step: str | None) -> list[str]:
         raise RunError(f"run {run.run_id} has no step '{step}' (it has {', '.join(run.steps())})")
     steps = run.steps() if step is None else [step, *downstream_of(run, step)]
     with _lock(run, "cancel"):
+        adopt_lost_submission(run, get_backend(run.backend_name, run.layout.root))
         refresh(run)
         active = [r for s in steps for r in run.jobs(s) if r.active]
         ids = [r.job_id for r in active]
@@ -138,8 +139,9 @@ def rerun(run: Run, step: str, *, downstream: bool, cancel_first: bool, override
     if step not in STEPS:
         raise RunError(f"unknown step '{step}'; steps are {', '.join(STEPS)}")
     with _lock(run, "rerun"):
-        refresh(run)
         backend = get_backend(run.backend_name, run.layout.root)
+        adopt_lost_submission(run, backend)
+        refresh(run)
         cur = run.current(step)
         if cur is not None and cur.active:
             if not cancel_first:

@@ -9,16 +9,21 @@ submitted, once, recording what it could not cancel and how to cancel it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpcpipe import files
+from hpcpipe import faulthooks, files
 from hpcpipe.config import RunConfig
 from hpcpipe.control import render
 from hpcpipe.errors import SchedulerError, SubmissionError
 from hpcpipe.run.folder import Run
 from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.record import now
 from hpcpipe.scheduler.base import Backend
 
 
@@ -69,34 +74,75 @@ def plan_steps(cfg: RunConfig, layout: RunLayout, backend: Backend, logs_dir: Pa
 def apply(plan: Plan, run: Run, backend: Backend, *, verb: str = "submitting") -> dict[str, str]:
     """Write the plan's scripts and submit its jobs; return {step: job id}.
 
-    The caller holds the run's lock. The state is saved after every job, so a queued job is
-    never left unrecorded; on a failure the jobs this call submitted are cancelled (or, if that
-    fails too, recorded with how to cancel them) and SubmissionError carries the scheduler's words.
+    The caller holds the run's lock. Before each submission the state says which job is being
+    submitted (its name carries the run id) and after it the job is recorded, so a queued job is
+    never lost: a process killed in between leaves the marker, and the next command that reads
+    the run finds the job by its name (:func:`hpcpipe.watch.refresh.adopt_lost_submission`).
+    On a failure, Ctrl-C or SIGTERM the jobs this call submitted are cancelled (or, if that fails
+    too, recorded with how to cancel them) and SubmissionError says what happened.
     """
     for job in plan.jobs:
         files.write_text(job.script, job.text)
+    run.state.planned = [*[s for s in run.state.planned if s not in plan.steps], *plan.steps]
     new: dict[str, str] = {}
     after = list(plan.first_after)
-    for job in plan.jobs:
-        try:
-            job_id = backend.submit(job.script, after)
-        except SchedulerError as exc:
-            said = _roll_back(run, backend, list(new.values()), job.step, exc)
-            raise SubmissionError(
-                f"{verb} step {job.step} failed. The scheduler said: "
-                f"{(exc.stderr or exc.stdout).strip() or exc}" + said
-                + f"\nRun folder kept for inspection: {run.layout.root}") from None
-        run.add_job(job.step, job_id, after, job.script)
-        run.save()
-        new[job.step] = job_id
-        after = [job_id]
+    with _interrupts_as_keyboard_interrupt():
+        for job in plan.jobs:
+            job_id = None
+            try:
+                run.state.submitting = {"step": job.step, "script": str(job.script),
+                                        "job_name": run.layout.job_name(job.step), "since": now()}
+                run.save()
+                job_id = backend.submit(job.script, after)
+                time.sleep(faulthooks.delay_s(faulthooks.AFTER_SUBMIT_DELAY_ENV))
+                run.add_job(job.step, job_id, after, job.script)
+                run.state.submitting = None
+                run.save()
+            except SchedulerError as exc:
+                run.state.submitting = None
+                said = _roll_back(run, backend, list(new.values()), job.step,
+                                  (exc.stderr or exc.stdout).strip() or str(exc))
+                raise SubmissionError(
+                    f"{verb} step {job.step} failed. The scheduler said: "
+                    f"{(exc.stderr or exc.stdout).strip() or exc}" + said
+                    + f"\nRun folder kept for inspection: {run.layout.root}") from None
+            except KeyboardInterrupt:
+                if job_id is not None and job.step not in new:
+                    run.add_job(job.step, job_id, after, job.script)
+                    new[job.step] = job_id
+                run.state.submitting = None
+                said = _roll_back(run, backend, list(new.values()), job.step, "interrupted")
+                never = ", ".join(s for s in plan.steps if s not in new) or "none"
+                raise SubmissionError(
+                    f"{verb} was interrupted at step {job.step}; steps never submitted: "
+                    f"{never}." + said + f"\nRun folder kept: {run.layout.root}; "
+                    f"`hpcpipe summarize {run.run_id}` says what to do next") from None
+            new[job.step] = job_id
+            after = [job_id]
     return new
 
 
-def _roll_back(run: Run, backend: Backend, submitted: list[str], step: str,
-               exc: SchedulerError) -> str:
+@contextlib.contextmanager
+def _interrupts_as_keyboard_interrupt() -> Iterator[None]:
+    """SIGTERM (a closed terminal, a kill) is handled like Ctrl-C while jobs are submitted, so
+    the submission is rolled back instead of half done. Only in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _roll_back(run: Run, backend: Backend, submitted: list[str], step: str, why: str) -> str:
     """Cancel the jobs a failed submission left; return what to tell the user about them."""
-    run.event(f"submission of {step} failed: {(exc.stderr or exc.stdout).strip() or exc}")
+    run.event(f"submission of {step} failed: {why}")
     said = ""
     try:
         if submitted:

@@ -16,6 +16,11 @@ class RunLayout:
     def run_id(self) -> str:
         return self.root.name
 
+    def job_name(self, step: str) -> str:
+        """The scheduler's name for a job of ``step``: it carries the run id, so a job queued by
+        a submit that died before recording it can still be found."""
+        return f"{step}.{self.run_id}"
+
     @property
     def config(self) -> Path:  # resolved config, YAML
         return self.root / "config.yaml"

@@ -128,6 +128,13 @@ class RunState:
     steps: dict[str, list[JobRecord]] = field(default_factory=dict)
     events: list[dict[str, str]] = field(default_factory=list)
     submit_failed: bool = False
+    #: Steps a submit or rerun set out to queue, in order (a step missing from ``steps`` was
+    #: never submitted: the submission failed or was interrupted).
+    planned: list[str] = field(default_factory=list)
+    #: The submission under way: {"step", "job_name", "script", "since"}. Left behind only by a
+    #: process killed between asking the scheduler and recording its answer; then the job is
+    #: looked up by its name (which carries the run id) and recorded.
+    submitting: dict[str, str] | None = None
     version: int = STATE_VERSION
     other: dict[str, Any] = field(default_factory=dict)
 
@@ -140,6 +147,10 @@ class RunState:
         }
         if self.submit_failed:
             out["submit_failed"] = True
+        if self.planned:
+            out["planned"] = list(self.planned)
+        if self.submitting:
+            out["submitting"] = dict(self.submitting)
         out.update(self.other)
         return out
 
@@ -164,10 +175,14 @@ class RunState:
                 raise ValueError(f"step {step!r} has no list of jobs")
             steps[step] = [JobRecord.from_json(j) for j in jobs]
         known = {"version", "run_id", "backend", "created", "logs_dir", "steps", "events",
-                 "submit_failed"}
+                 "submit_failed", "planned", "submitting"}
+        submitting = data.get("submitting")
         return cls(
             run_id=str(data["run_id"]), backend=str(data["backend"]),
             logs_dir=str(data["logs_dir"]), created=str(data.get("created", "")), steps=steps,
             events=list(data.get("events", [])), submit_failed=bool(data.get("submit_failed")),
+            planned=[str(p) for p in data.get("planned", [])],
+            submitting={str(k): str(v) for k, v in submitting.items()}
+            if isinstance(submitting, dict) else None,
             version=STATE_VERSION, other={k: v for k, v in data.items() if k not in known},
         )

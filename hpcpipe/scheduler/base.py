@@ -57,6 +57,10 @@ class Backend:
     def cancel(self, job_ids: list[str]) -> None:
         raise NotImplementedError
 
+    def find(self, job_name: str, script: Path) -> list[str]:
+        """Ids of jobs named ``job_name`` (submitted from ``script``) that the scheduler knows."""
+        raise NotImplementedError
+
     def accounting(self, job_ids: list[str]) -> dict[str, JobInfo]:
         """Accounting figures (CPU time, peak memory...) of ended jobs; {} where there are none."""
         return {}

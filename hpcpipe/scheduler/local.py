@@ -87,7 +87,8 @@ class LocalBackend(Backend):
         job_id = f"L{proc.pid}"
         # The first record comes from here, so a query right after submit sees the dependency;
         # the runner waits for it before it writes anything itself.
-        files.write_json(self.jobs_dir / f"{job_id}.json", _first_record(job_id, depends_on))
+        files.write_json(self.jobs_dir / f"{job_id}.json",
+                         _first_record(job_id, depends_on, script))
         return job_id
 
     def query(self, job_ids: list[str]) -> dict[str, JobInfo]:
@@ -117,6 +118,18 @@ class LocalBackend(Backend):
             )
         return jobs
 
+    def find(self, job_name: str, script: Path) -> list[str]:
+        """Local jobs are found by the script they run (their first record names it)."""
+        found = []
+        for path in sorted(self.jobs_dir.glob("L*.json")):
+            try:
+                rec = files.read_json(path)
+            except (OSError, ValueError):
+                continue
+            if rec.get("script") == str(script):
+                found.append(path.stem)
+        return found
+
     def cancel(self, job_ids: list[str]) -> None:
         for jid in job_ids:
             pid = int(jid[1:]) if jid[1:].isdigit() else -1
@@ -137,7 +150,7 @@ class _Runner:
         self.after = after
         self.job_id = f"L{os.getpid()}"
         self.path = jobs_dir / f"{self.job_id}.json"
-        self.rec = _first_record(self.job_id, after)
+        self.rec = _first_record(self.job_id, after, script)
         self.cancelled = False
         self.child: subprocess.Popen | None = None
 
@@ -213,8 +226,8 @@ class _Runner:
         return 0
 
 
-def _first_record(job_id: str, after: list[str]) -> dict:
-    return {"job_id": job_id, "state": "PENDING", "submit": _now(),
+def _first_record(job_id: str, after: list[str], script: Path) -> dict:
+    return {"job_id": job_id, "state": "PENDING", "submit": _now(), "script": str(script),
             "reason": "Dependency" if after else "", "node": os.uname().nodename}
 
 

@@ -64,6 +64,12 @@ def scancel(job_ids: list[str], signal: str | None = None) -> None:
     call(cmd)
 
 
+def jobs_named(name: str) -> list[str]:
+    """Ids of the jobs called ``name`` that the controller knows (queued, running or just ended)."""
+    out = call(["squeue", "-h", "--states=all", f"--name={name}", "-o", "%i"])
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
 def requeue(job_id: str) -> None:
     call(["scontrol", "requeue", job_id])
 

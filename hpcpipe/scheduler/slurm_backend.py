@@ -37,6 +37,9 @@ class SlurmBackend(Backend):
     def cancel(self, job_ids: list[str]) -> None:
         scheduler.scancel(job_ids)
 
+    def find(self, job_name: str, script: Path) -> list[str]:
+        return scheduler.jobs_named(job_name)
+
     def accounting(self, job_ids: list[str]) -> dict[str, JobInfo]:
         try:
             return scheduler.sacct(job_ids)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from hpcpipe.errors import PartialAnswer, SchedulerError, SchedulerUnreachableError
 from hpcpipe.run.folder import Run
-from hpcpipe.scheduler import get_backend
+from hpcpipe.scheduler import Backend, get_backend
 from hpcpipe.scheduler.states import is_ended
 
 Echo = Callable[[str], None]
@@ -26,10 +27,14 @@ def refresh(run: Run) -> str | None:
     and never writes back a state older than the file's.
     """
     run.reload()
+    backend = get_backend(run.backend_name, run.layout.root)
+    if run.state.submitting:
+        with run.try_lock() as free:
+            if free:  # no submit holds the run: the one that left the marker is gone
+                adopt_lost_submission(run, backend)
     open_jobs = run.open_jobs()
     if not open_jobs:
         return None
-    backend = get_backend(run.backend_name, run.layout.root)
     note = None
     try:
         infos = backend.query(open_jobs)
@@ -58,6 +63,33 @@ def refresh(run: Run) -> str | None:
 def _short(exc: SchedulerError) -> str:
     lines = [ln for ln in (exc.stderr or exc.stdout or str(exc)).strip().splitlines() if ln]
     return f"`{exc.cmd[0]}` said: {lines[-1]}" if lines else f"`{exc.cmd[0]}` failed"
+
+
+def adopt_lost_submission(run: Run, backend: Backend) -> list[str]:
+    """Record the job(s) that a submit killed between the scheduler's answer and its record left
+    in the queue, found by their name; the caller holds the run's lock. Returns their ids."""
+    run.reload()
+    marker = run.state.submitting
+    if not marker:
+        return []
+    step, script = marker.get("step", ""), Path(marker.get("script", ""))
+    try:
+        found = backend.find(marker.get("job_name", ""), script)
+    except SchedulerError:
+        return []  # try again at the next refresh
+    known = {j.job_id for j in run.all_jobs()}
+    adopted = [j for j in found if j not in known]
+    for job_id in adopted:
+        run.add_job(step, job_id, [], script)
+        run.event(f"job {job_id} of step {step} was queued by a submission that was killed "
+                  "before it recorded it; recorded now")
+    if not adopted:
+        run.event(f"a submission of step {step} was killed before the scheduler answered; "
+                  "no job of it is queued")
+    run.state.submitting = None
+    run.state.submit_failed = True
+    run.save()
+    return adopted
 
 
 def mark_never_satisfied(run: Run) -> bool:

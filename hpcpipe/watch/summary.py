@@ -152,7 +152,23 @@ def diagnose(run: Run) -> list[Diagnosis]:
         d = diagnose_step(run, step)
         if d is not None:
             out.append(d)
+    never = [s for s in run.state.planned if s not in run.state.steps]
+    if never:
+        out.append(_never_submitted(run, never))
     return out
+
+
+def _never_submitted(run: Run, never: list[str]) -> Diagnosis:
+    """Steps a submit set out to queue that never reached the scheduler (it failed or was
+    interrupted): the run is incomplete even if every recorded job completes."""
+    why = next((e["text"] for e in reversed(run.state.events)
+                if "submission of" in e["text"] or "was killed" in e["text"]),
+               "the submission stopped before these steps were queued")
+    first = never[0]
+    return Diagnosis(first, f"never submitted: {', '.join(never)} (the submit failed or was "
+                     "interrupted)", why,
+                     f"`hpcpipe rerun {first}` queues it (and the steps after it) behind what "
+                     "is still running")
 
 
 def diagnose_step(run: Run, step: str) -> Diagnosis | None:
