@@ -8,11 +8,13 @@ real clusters print them. The cases the test cluster can produce for real live i
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from hpcpipe.run.folder import Run
+from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.scheduler.slurm import parse_sacct
 from hpcpipe.watch.summary import build_report, diagnose, scan_log
 
@@ -126,3 +128,50 @@ def test_slurm_cancelling_a_job_whose_dependency_failed_is_named_as_such() -> No
     by_user = _CANCELLED_WAITING["start None"].replace("|CANCELLED|", "|CANCELLED by 0|")
     (info,) = parse_sacct(by_user).values()
     assert info.reason == "Dependency" and info.extra["cancelled_by"] == "0"
+
+
+@pytest.mark.slurm
+def test_jobs_that_waiting_will_not_start_are_diagnosed(slurm_cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    """A time limit above the partition's MaxTime, and a held job: both pend forever, and
+    summarize says so with what to do instead of "Nothing has failed so far"."""
+    from hpcpipe.watch.refresh import refresh
+
+    out = f"--output={tmp_path}/%j.out"
+    too_long = slurm_cluster.sbatch("--partition=short", "--time=20", out, "--wrap", "true")
+    held = slurm_cluster.sbatch("--hold", "--time=1", out, "--wrap", "true")
+    try:
+        run = Run.create(tmp_path / "runs", "run-stuck", "slurm", tmp_path / "logs")
+        run.add_job("ingest", too_long, [], Path("x"))
+        run.add_job("features", held, [], Path("y"))
+        run.save()
+        deadline = time.monotonic() + 30
+        while True:
+            refresh(run)
+            reasons = (run.job("ingest").reason, run.job("features").reason)
+            if reasons == ("PartitionTimeLimit", "JobHeldUser") or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        report = build_report(run)
+        assert "Nothing has failed so far" not in report, report
+        found = {d.step: d for d in diagnose(run)}
+        assert "above the partition's MaxTime" in found["ingest"].problem, found
+        assert "PartitionTimeLimit" in found["ingest"].evidence
+        assert "--set ingest.time=" in found["ingest"].action
+        assert "held" in found["features"].problem
+        assert f"scontrol release {held}" in found["features"].action
+    finally:
+        slurm_cluster.cancel(too_long, held)
+
+
+def test_a_model_worse_than_the_baseline_is_said_first(tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "runs", "run-worse", "local", tmp_path / "logs")
+    for step in ("ingest", "features", "train"):
+        run.add_job(step, f"L{step}", [], Path("x")).update(state="COMPLETED", final=True)
+    writer = MetricsWriter(run.layout.metrics, "train", job_id="L1")
+    writer.write("eval", epoch=0, val_smape=1.13, baseline_same_smape=1.002,
+                 baseline_roll4_smape=1.035, improvement_pct=-12.91)
+    report = build_report(run)
+    assert "12.91% WORSE" in report and "% better" not in report, report
+    assert "Nothing went wrong" not in report
+    first = diagnose(run)[0]
+    assert first.step == "train" and "does not beat the naive baseline" in first.problem

@@ -155,6 +155,9 @@ def diagnose(run: Run) -> list[Diagnosis]:
     never = [s for s in run.state.planned if s not in run.state.steps]
     if never:
         out.append(_never_submitted(run, never))
+    loses = _model_loses(run)
+    if loses is not None:  # the first thing to say when it happens
+        out.insert(0, loses)
     return out
 
 
@@ -182,7 +185,9 @@ def diagnose_step(run: Run, step: str) -> Diagnosis | None:
     if state == "COMPLETED":
         return None
     if rec.active:
-        return _requeued(run, step, rec) if rec.restarts else None
+        if rec.restarts:
+            return _requeued(run, step, rec)
+        return _stuck(step, rec) if rec.state == "PENDING" else None
     found = scan_log(Path(rec.log))
     if "cuda_oom" in found:
         return Diagnosis(step, "CUDA out of memory", found["cuda_oom"],
@@ -260,6 +265,69 @@ def _dependency_never_satisfied(run: Run, step: str, rec: JobRecord) -> Diagnosi
     return Diagnosis(step, f"DependencyNeverSatisfied: never ran, upstream step {root} ended "
                      f"{up.state} ({never})", evidence,
                      f"{fix}`hpcpipe rerun {root}`: the steps after it are resubmitted behind it")
+
+
+# Pending reasons after which a job does not start by waiting: (prefix of Slurm's reason,
+# the problem, what to do). The others (Resources, Priority, Dependency, BeginTime...) pass.
+_STUCK = [
+    ("PartitionTimeLimit", "its time limit is above the partition's MaxTime: it will never start",
+     "lower {step}.time below the partition's limit (`sinfo -o '%P %l'`) or pick another "
+     "partition: `hpcpipe rerun {step} --cancel-first --set {step}.time=...`"),
+    ("PartitionNodeLimit", "it asks for more nodes than the partition allows: it will never start",
+     "lower the node count or pick another partition, then `hpcpipe rerun {step} "
+     "--cancel-first --set ...`"),
+    ("ReqNodeNotAvail", "nodes it needs are down, drained or reserved: it waits until they return",
+     "wait, or avoid them with slurm.extra_sbatch: [--exclude=NODES] and `hpcpipe rerun {step} "
+     "--cancel-first` (`sinfo -R` says why the nodes are out)"),
+    ("JobHeldUser", "it is held (by a user): it will not start until released",
+     "`scontrol release {job}`"),
+    ("JobHeldAdmin", "it is held by an administrator: it will not start until released",
+     "ask your cluster's administrators why job {job} is held"),
+    ("QOSMaxWallDurationPerJobLimit", "its time limit is above the QOS's limit: it will never "
+     "start", "lower {step}.time or use another slurm.qos, then `hpcpipe rerun {step} "
+     "--cancel-first --set {step}.time=...`"),
+    ("AssocMaxWallDurationPerJobLimit", "its time limit is above your account's limit: it will "
+     "never start", "lower {step}.time, then `hpcpipe rerun {step} --cancel-first --set "
+     "{step}.time=...`"),
+    ("BadConstraints", "it asks for a node feature no node has: it will never start",
+     "fix slurm.constraint, then `hpcpipe rerun {step} --cancel-first`"),
+    ("InvalidAccount", "its account is not valid: it will never start",
+     "fix slurm.account, then `hpcpipe rerun {step} --cancel-first`"),
+]
+
+
+def _stuck(step: str, rec: JobRecord) -> Diagnosis | None:
+    """A pending job that waiting alone will not start, from the scheduler's pending reason."""
+    for reason, problem, action in _STUCK:
+        if rec.reason.startswith(reason):
+            return Diagnosis(step, f"pending: {problem}",
+                             f"job {rec.job_id} PENDING, reason {rec.reason}",
+                             action.format(step=step, job=rec.job_id))
+    return None
+
+
+def _model_loses(run: Run) -> Diagnosis | None:
+    """The model's validation SMAPE is not better than the better naive baseline's."""
+    evals = [m for m in read_metrics(run.layout.metrics)
+             if m.get("step") == "train" and m.get("kind") == "eval"]
+    if not evals:
+        return None
+    best = min(evals, key=lambda e: _num(e.get("val_smape"), float("inf")))
+    model = _num(best.get("val_smape"), float("nan"))
+    base = min(_num(best.get("baseline_same_smape"), 1e9),
+               _num(best.get("baseline_roll4_smape"), 1e9))
+    if model < base:
+        return None
+    return Diagnosis("train", "the model does not beat the naive baseline: its predictions are "
+                     "no better than repeating recent weeks",
+                     f"best validation SMAPE {_fmt(model)} (epoch {best.get('epoch')}) vs "
+                     f"{_fmt(base)} for the better naive baseline",
+                     "train longer (train.epochs), try a lower train.lr or fine-tune the encoder "
+                     "(train.freeze_encoder=false on GPUs), then `hpcpipe rerun train --fresh`")
+
+
+def _num(v: Any, default: float) -> float:
+    return float(v) if isinstance(v, (int, float)) and v == v else default
 
 
 def _requeued(run: Run, step: str, rec: JobRecord) -> Diagnosis:
@@ -372,9 +440,13 @@ def build_report(run: Run) -> str:
                 f"{_fmt(e.get('baseline_roll4_smape'))} | {_fmt(e.get('improvement_pct'))}% |")
         best = min(evals, key=lambda e: e.get("val_smape", float("inf")))
         base = min(best.get("baseline_same_smape", 1e9), best.get("baseline_roll4_smape", 1e9))
+        pct = _num(best.get("improvement_pct"), float("nan"))
+        margin = (f"{_fmt(pct)}% better" if pct > 0
+                  else f"{_fmt(-pct)}% WORSE: the model loses to the baseline" if pct <= 0
+                  else "no valid score")
         lines += ["", f"Best epoch {best.get('epoch')}: validation SMAPE "
                   f"{_fmt(best.get('val_smape'))} vs {_fmt(base)} for the better naive baseline, "
-                  f"{_fmt(best.get('improvement_pct'))}% better."]
+                  f"{margin}."]
         ckpt = run.layout.train / "checkpoints" / "best.pt"
         if ckpt.exists():
             lines.append(f"Best checkpoint: {ckpt}")
