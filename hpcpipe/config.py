@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import re
+import shutil
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,6 +29,10 @@ STEPS: tuple[str, ...] = ("ingest", "features", "train")
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME_RE = re.compile(r"^(\d+)(:\d{1,2}){0,2}$|^\d+-\d{1,2}(:\d{1,2}){0,2}$")
 _MEM_RE = re.compile(r"^\d+[KMGT]?$")
+# What dask.utils.parse_bytes takes for a worker's memory limit: a number and a byte unit.
+_BYTES_RE = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*(b|[kmgtp]i?b?)?$", re.I)
+#: The longest time limit taken: a year. Anything longer is a typo (99999:00:00 is 11 years).
+MAX_TIME_S = 365 * 86400
 _SAFE_WORD_RE = re.compile(r"^[A-Za-z0-9_.,:@%+=/-]*$")
 
 
@@ -182,13 +189,19 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: {value!r} is not a finite number; give a number "
+                                  "such as 0.001")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -215,7 +228,9 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         key = f"{where}.{name}" if where else name
         tp = hints[name]
         if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value or {}, key)
+            # An empty section in a file (`train:`) is null: its defaults. Anything else that is
+            # not a mapping (0, false, "", []) is refused by _build, never read as empty.
+            kwargs[name] = _build(tp, {} if value is None else value, key)
         else:
             kwargs[name] = _coerce(value, tp, key)
     return cls(**kwargs)
@@ -237,11 +252,13 @@ _FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?|\.[0
 _LOADER: Any = None
 
 
-def _yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` without YAML 1.1's base-60 numbers.
+def _yaml_load(text: str, prefix: str = "") -> Any:
+    """``yaml.safe_load`` without YAML 1.1's base-60 numbers, refusing duplicate keys.
 
     PyYAML reads an unquoted ``12:00:00`` as the integer 43200 (sexagesimal), which a time limit
-    would then take as 43200 minutes; here it stays the string "12:00:00".
+    would then take as 43200 minutes; here it stays the string "12:00:00". A key given twice in
+    one mapping raises _DuplicateKey (its path under ``prefix``, both lines) instead of the last
+    one silently winning.
     """
     global _LOADER
     import yaml
@@ -257,7 +274,46 @@ def _yaml_load(text: str) -> Any:
         Loader.add_implicit_resolver(numbers[0], _INT, list("-+0123456789"))
         Loader.add_implicit_resolver(numbers[1], _FLOAT, list("-+0123456789."))
         _LOADER = Loader
-    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+    loader = _LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _refuse_duplicates(node, prefix)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, line: int, first: int) -> None:
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+def _refuse_duplicates(node: Any, path: str, seen_nodes: set[int] | None = None) -> None:
+    """Raise _DuplicateKey for a key given twice in one mapping, which YAML would silently
+    resolve to the last one (a second ``train:`` section replaces the first whole)."""
+    import yaml
+
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:  # an alias of a node already checked
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            where = f"{path}.{key}" if path else key
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise _DuplicateKey(where, line, lines[key])
+                lines[key] = line
+            _refuse_duplicates(value_node, where, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _refuse_duplicates(item, f"{path}[{i}]", seen_nodes)
 
 
 def parse_override(text: str) -> dict[str, Any]:
@@ -271,9 +327,17 @@ def parse_override(text: str) -> dict[str, Any]:
     if not key or not all(part.isidentifier() for part in key.split(".")):
         raise ConfigError(f"--set {text!r}: {key!r} is not a config key such as train.epochs")
     try:
-        value = _yaml_load(raw) if raw.strip() else None
+        value = _yaml_load(raw, key) if raw.strip() else None
     except yaml.YAMLError as exc:
         raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc})") from None
+    except _DuplicateKey as dup:
+        raise ConfigError(f"--set {text!r}: {dup.key} is given twice; remove one of them") from None
+    section = _section_type(key)
+    if section is not None and value is None:
+        example = dataclasses.fields(section)[0].name
+        raise ConfigError(
+            f"--set {text!r}: {key} is a whole section; null would silently reset every key "
+            f"of it to its default. Set its keys one by one, e.g. --set {key}.{example}=...")
     out: dict[str, Any] = {}
     node = out
     parts = key.split(".")
@@ -281,6 +345,16 @@ def parse_override(text: str) -> dict[str, Any]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
     return out
+
+
+def _section_type(key: str) -> type | None:
+    """The dataclass of the section ``key`` names (``train``, ``slurm``), or None."""
+    tp: Any = RunConfig
+    for part in key.split("."):
+        if not (isinstance(tp, type) and dataclasses.is_dataclass(tp)):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp if isinstance(tp, type) and dataclasses.is_dataclass(tp) else None
 
 
 def read_yaml(path: Path) -> dict[str, Any]:
@@ -293,6 +367,10 @@ def read_yaml(path: Path) -> dict[str, Any]:
         data = _yaml_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    except _DuplicateKey as dup:
+        raise ConfigError(
+            f"{path}:{dup.line}: {dup.key} is given twice (first at line {dup.first}); YAML "
+            "would silently keep only the last one: remove one of them (or merge them)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -327,12 +405,26 @@ def _positive(value: int, key: str) -> None:
         raise ConfigError(f"{key} must be a positive integer, got {value}")
 
 
+def _not_negative(value: float, key: str, why: str = "") -> None:
+    if value < 0:
+        raise ConfigError(f"{key} must not be negative, got {value}{why}")
+
+
 def check_time(value: str, key: str) -> None:
     if not _TIME_RE.match(value):
         raise ConfigError(
             f"{key}: {value!r} is not a Slurm time limit. Use minutes (90), HH:MM:SS (01:30:00) "
             "or D-HH:MM:SS (1-12:00:00)"
         )
+    seconds = time_limit_seconds(value)
+    if seconds == 0:
+        raise ConfigError(
+            f"{key}: {value!r} asks Slurm for no time limit at all (the partition's maximum, "
+            "often refused or pending forever); give the time the step needs, e.g. 01:00:00")
+    if seconds > MAX_TIME_S:
+        raise ConfigError(
+            f"{key}: {value!r} is {seconds / 86400:.0f} days, more than a year: a typo? Use "
+            "minutes (90), HH:MM:SS (01:30:00) or D-HH:MM:SS (1-12:00:00)")
 
 
 def time_limit_seconds(value: str) -> int:
@@ -353,6 +445,16 @@ def time_limit_seconds(value: str) -> int:
 def _check_mem(value: str | None, key: str) -> None:
     if value is not None and not _MEM_RE.match(value):
         raise ConfigError(f"{key}: {value!r} is not a memory size such as 8G, 500M or 64000")
+
+
+def _check_worker_memory(value: str, key: str) -> None:
+    """"auto", or a size the features step's Dask workers take (dask.utils.parse_bytes)."""
+    text = value.strip()
+    m = _BYTES_RE.match(text)
+    if text.lower() != "auto" and (m is None or float(m.group(1)) <= 0):
+        raise ConfigError(
+            f"{key}: {value!r} is not a memory size such as 4GB, 500MiB or 4000000000 (bytes), "
+            "nor 'auto' (the allocation split evenly between the workers)")
 
 
 def _check_word(value: str | None, key: str) -> None:
@@ -393,13 +495,22 @@ def validate(cfg: RunConfig) -> None:
         _check_mem(sc.mem, f"{step}.mem")
     _positive(cfg.ingest.cpus, "ingest.cpus")
     _positive(cfg.ingest.target_bucket_rows, "ingest.target_bucket_rows")
+    _not_negative(cfg.ingest.future_tolerance_days, "ingest.future_tolerance_days")
     _positive(cfg.features.cpus, "features.cpus")
     _positive(cfg.features.nodes, "features.nodes")
     _positive(cfg.features.threads_per_worker, "features.threads_per_worker")
+    _check_worker_memory(cfg.features.worker_memory, "features.worker_memory")
     t = cfg.train
     for key in ("gpus", "gpus_per_node", "cpus_per_gpu", "max_length", "batch_size", "grad_accum",
                 "epochs", "val_weeks", "checkpoint_every", "log_every"):
         _positive(getattr(t, key), f"train.{key}")
+    for key in ("num_workers", "signal_seconds", "warmup_steps", "train_weeks", "seed",
+                "weight_decay", "encoder_lr"):
+        _not_negative(getattr(t, key), f"train.{key}")
+    _not_negative(t.max_steps_per_epoch, "train.max_steps_per_epoch", " (0: whole epochs)")
+    if t.grad_clip <= 0:
+        raise ConfigError(f"train.grad_clip must be positive, got {t.grad_clip}: it is the "
+                          "largest gradient norm kept, and 0 would zero every update")
     if t.gpus > t.gpus_per_node and t.gpus % t.gpus_per_node:
         raise ConfigError(
             f"train.gpus={t.gpus} does not fill whole nodes of train.gpus_per_node="
@@ -408,9 +519,6 @@ def validate(cfg: RunConfig) -> None:
         )
     if t.precision not in ("fp16", "bf16", "fp32"):
         raise ConfigError(f"train.precision: {t.precision!r} is not one of fp16, bf16, fp32")
-    if t.num_workers < 0 or t.signal_seconds < 0 or t.warmup_steps < 0 or t.train_weeks < 0:
-        raise ConfigError("train.num_workers, signal_seconds, warmup_steps and train_weeks "
-                          "must not be negative")
     limit_s = time_limit_seconds(t.time)
     if "train" in cfg.steps and 0 < limit_s <= t.signal_seconds:
         raise ConfigError(
@@ -418,10 +526,13 @@ def validate(cfg: RunConfig) -> None:
             f"({limit_s} s): the warning to checkpoint and requeue would come "
             "as soon as the job starts, every time. Raise train.time or lower "
             "train.signal_seconds (Slurm may send it up to 60 s early)")
-    if t.lr <= 0 or t.encoder_lr < 0:
-        raise ConfigError("train.lr must be positive and train.encoder_lr not negative")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr must be positive, got {t.lr}")
     if cfg.data.synth_reviews <= 0:
         raise ConfigError(f"data.synth_reviews must be positive, got {cfg.data.synth_reviews}")
+    if cfg.data.synth_products is not None:
+        _positive(cfg.data.synth_products, "data.synth_products")
+    _not_negative(cfg.data.seed, "data.seed")
 
 
 def train_nodes(t: TrainConfig) -> tuple[int, int]:
@@ -430,17 +541,55 @@ def train_nodes(t: TrainConfig) -> tuple[int, int]:
     return nodes, min(t.gpus, t.gpus_per_node)
 
 
-def check_paths(cfg: RunConfig) -> None:
-    """Inputs that must exist before anything is queued (run at submit, not at every load)."""
-    for i, p in enumerate(cfg.data.reviews):
-        if not Path(p).exists():
-            raise ConfigError(f"data.reviews[{i}]: {p} does not exist; check the path")
-    if cfg.data.reviews and not cfg.data.metadata:
-        raise ConfigError("data.metadata: the product metadata file is required with data.reviews")
-    if cfg.data.metadata and not Path(cfg.data.metadata).exists():
-        raise ConfigError(f"data.metadata: {cfg.data.metadata} does not exist; check the path")
-    if cfg.train.model and not (Path(cfg.train.model) / "config.json").is_file():
+def check_paths(cfg: RunConfig, steps: list[str] | None = None) -> None:
+    """Paths that must be usable before anything is queued (run at submit and rerun, not at every
+    load): the inputs of ingest, the model of train, the interpreter of every step. ``steps`` are
+    the steps about to be queued (default: the config's)."""
+    steps = cfg.steps if steps is None else steps
+    if "ingest" in steps:
+        for i, p in enumerate(cfg.data.reviews):
+            _check_input(p, f"data.reviews[{i}]", "list the files in it, e.g. "
+                         f"data.reviews='[{Path(p) / 'part1.jsonl.gz'}, ...]'")
+        if cfg.data.reviews and not cfg.data.metadata:
+            raise ConfigError("data.metadata: the product metadata file is required with "
+                              "data.reviews")
+        if cfg.data.metadata:
+            _check_input(cfg.data.metadata, "data.metadata", "point it at the meta_*.jsonl(.gz) "
+                         "or parquet file in it")
+    if "train" in steps and cfg.train.model and \
+            not (Path(cfg.train.model) / "config.json").is_file():
         raise ConfigError(
             f"train.model: {cfg.train.model} is not a local Hugging Face model folder "
             "(no config.json there); point it at a folder saved with save_pretrained"
         )
+    _check_python(cfg.slurm)
+
+
+def _check_input(path: str, key: str, fix: str) -> None:
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{key}: {path} is a folder, not a file; {fix}")
+    if not p.exists():
+        raise ConfigError(f"{key}: {path} does not exist; check the path")
+    if not os.access(p, os.R_OK):
+        raise ConfigError(f"{key}: {path} cannot be read by you; check its permissions")
+
+
+def _check_python(s: SlurmConfig) -> None:
+    """The jobs' interpreter must exist and be executable: a path is checked as given (the
+    login node and the compute nodes share it); a bare name must be on PATH, unless setup lines
+    (``module load python``) may put it there only inside the job."""
+    if s.python is None:
+        return
+    fix = "point slurm.python at the Python that has hpcpipe installed (e.g. ~/venv/bin/python)"
+    if "/" not in s.python:
+        if not s.setup and shutil.which(s.python) is None:
+            raise ConfigError(f"slurm.python: {s.python!r} is not on PATH; {fix}")
+        return
+    p = Path(s.python).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"slurm.python: {s.python} is a folder, not an interpreter; {fix}")
+    if not p.exists():
+        raise ConfigError(f"slurm.python: {s.python} does not exist; {fix}")
+    if not os.access(p, os.X_OK):
+        raise ConfigError(f"slurm.python: {s.python} is not executable; {fix}")

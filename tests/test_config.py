@@ -69,9 +69,11 @@ def test_slurm_time_limits_in_seconds(limit: str, seconds: int) -> None:
     assert time_limit_seconds(limit) == seconds
 
 
-def test_signal_seconds_fit_the_time_limit_or_no_limit() -> None:
+def test_signal_seconds_fit_the_time_limit() -> None:
     assert load_config(None, ["train.time=6", "train.signal_seconds=300"]).train.time == "6"
-    assert load_config(None, ["train.time=0"]).train.signal_seconds == 300  # 0: no time limit
+    # 0 would ask Slurm for no limit at all: refused (tests/test_checks_before_queueing.py)
+    with pytest.raises(ConfigError, match="train.time: '0' asks Slurm for no time limit"):
+        load_config(None, ["train.time=0"])
     # `submit --time 5 --steps ingest,features` sets train.time too; no train job, no refusal
     assert load_config(None, ["steps=[ingest,features]", "train.time=5"]).train.time == "5"
 

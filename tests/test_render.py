@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,7 +36,7 @@ def test_train_script_asks_for_ddp_layout_signal_and_requeue(tmp_path: Path) -> 
                  "#SBATCH --open-mode=append"]:
         assert line in text.splitlines()
     assert "srun --kill-on-bad-exit=1 --label " in text
-    assert f"--output={tmp_path}/logs/run-1/train-%j.out" in text
+    assert f'--output="{tmp_path}/logs/run-1/train-%j.out"' in text
 
 
 @pytest.mark.parametrize(("overrides", "tasks", "cpus"), [
@@ -60,8 +61,12 @@ def test_local_scripts_start_the_step_without_srun(tmp_path: Path) -> None:
 def test_setup_lines_go_in_verbatim_and_run_before_the_step(tmp_path: Path) -> None:
     text = _render(tmp_path, "features", ["slurm.setup=[module load cuda/12.4, source venv/x]"])
     lines = text.splitlines()
-    assert lines.index("module load cuda/12.4") < lines.index("source venv/x") < \
-        next(i for i, line in enumerate(lines) if "-m hpcpipe.jobs.features" in line)
+
+    def at(start: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(start))
+
+    assert at("set -eo pipefail") < at("eval 'module load cuda/12.4' || ") < \
+        at("eval 'source venv/x' || ") < at(sys.executable)
 
 
 @pytest.mark.parametrize("value", HOSTILE)
@@ -86,8 +91,13 @@ def test_hostile_paths_are_quoted_in_the_command_line(tmp_path: Path, value: str
     assert not Path("/tmp/pwned").exists()
 
 
-def test_hostile_log_folder_is_refused(tmp_path: Path) -> None:
+def test_hostile_log_folder_stays_one_quoted_sbatch_argument(tmp_path: Path) -> None:
+    """A logs folder with shell characters is one double-quoted --output value (sbatch reads
+    #SBATCH lines itself, no shell involved); `%` is written `%%`, `"` as `\\"`."""
     cfg = load_config(None, [])
-    with pytest.raises(ConfigError, match="logs folder"):
-        render_step(cfg, RunLayout(tmp_path / "r"), "ingest", SlurmBackend(),
-                    tmp_path / "logs dir; rm -rf ~")
+    logs = tmp_path / 'logs dir; rm -rf ~ $(x) 50% "q"'
+    text = render_step(cfg, RunLayout(tmp_path / "r"), "ingest", SlurmBackend(), logs)
+    assert f'#SBATCH --output="{tmp_path}/logs dir; rm -rf ~ $(x) 50%% \\"q\\"/ingest-%j.out"' \
+        in text.splitlines()
+    with pytest.raises(ConfigError, match="logs folder: .* has a newline"):
+        render_step(cfg, RunLayout(tmp_path / "r"), "ingest", SlurmBackend(), tmp_path / "a\nb")

@@ -9,6 +9,7 @@ the jobs, and every other command reads the run's state file and asks the schedu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -143,24 +144,39 @@ def rerun(run: Run, step: str, *, downstream: bool, cancel_first: bool, override
         adopt_lost_submission(run, backend)
         refresh(run)
         cur = run.current(step)
-        if cur is not None and cur.active:
-            if not cancel_first:
-                raise RunError(
-                    f"{step} job {cur.job_id} of run {run.run_id} is still {cur.state}; "
-                    f"cancel it first (`hpcpipe cancel {run.run_id} {step}`) or pass --cancel-first")
-            _cancel_and_wait(run, backend, [cur.job_id], wait_cancel_s)
+        if cur is not None and cur.active and not cancel_first:
+            raise RunError(
+                f"{step} job {cur.job_id} of run {run.run_id} is still {cur.state}; "
+                f"cancel it first (`hpcpipe cancel {run.run_id} {step}`) or pass --cancel-first")
 
+        # Every check submit makes, before anything is cancelled or rewritten: the config with
+        # the overrides, the paths and the cluster layout (backend.check) of the steps about to
+        # be queued, and their rendered scripts.
         cfg = run.load_config(overrides)
         after = _upstream_dependencies(run, step)
         todo = [step, *(_downstream_to_redo(run, step, echo) if downstream else [])]
-        stale = [r.job_id for d in todo[1:] if (r := run.current(d)) is not None and r.active]
+        check_paths(cfg, todo)
+        backend.check(dataclasses.replace(cfg, steps=todo))
         plan = plan_steps(cfg, run.layout, backend, Path(run.state.logs_dir), todo, after)
+        # The jobs read config.yaml when they start, so it is written before they are queued;
+        # if queueing fails (sbatch refuses, Ctrl-C), the previous config is put back, so that
+        # an override that never ran cannot fail every later rerun.
+        previous = run.layout.config.read_bytes() if overrides else None
         if overrides:
             write_config(cfg, run.layout)
+        try:
+            if cur is not None and cur.active:
+                _cancel_and_wait(run, backend, [cur.job_id], wait_cancel_s)
+            stale = [r.job_id for d in todo[1:] if (r := run.current(d)) is not None and r.active]
+            if stale:
+                _cancel_and_wait(run, backend, stale, wait_cancel_s)
+            new = apply(plan, run, backend, verb="resubmitting")
+        except BaseException:
+            if previous is not None:
+                files.write_bytes(run.layout.config, previous)
+            raise
+        if overrides:
             run.event(f"config changed for rerun of {step}: {' '.join(overrides)}")
-        if stale:
-            _cancel_and_wait(run, backend, stale, wait_cancel_s)
-        new = apply(plan, run, backend, verb="resubmitting")
         run.event("rerun " + ", ".join(f"{s}={j}" for s, j in new.items()))
         run.save()
     return new

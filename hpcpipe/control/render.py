@@ -1,9 +1,12 @@
 """Rendering each step's sbatch script from its template in ``sbatch/``.
 
 Templates hold ``{{name}}`` placeholders. Every value that reaches a command line is quoted with
-shlex; values that reach an ``#SBATCH`` line must be one word without shell characters (sbatch does
-not unquote them) and are refused otherwise. Setup lines are the one place where the user's own
-shell text goes in verbatim: the user configured them to run.
+shlex. The log's path reaches its ``#SBATCH --output`` line double-quoted the way sbatch's own
+parser unquotes it, with ``%`` written ``%%`` (Slurm's file name patterns), so a working folder
+with spaces, non-ASCII letters, ``%`` or ``#`` works; other ``#SBATCH`` values must be one word
+without shell characters and are refused otherwise. Setup lines are the one place where the user's
+own shell text goes in: the user configured them to run; each runs through ``eval`` so that a
+failing one ends the job with a line saying which.
 """
 
 from __future__ import annotations
@@ -65,6 +68,29 @@ def _sbatch_word(value: str, key: str) -> str:
     return value
 
 
+def _sbatch_log_path(logs_dir: Path, step: str) -> str:
+    """The ``--output`` value for ``logs_dir/<step>-<job id>.out``, quoted for an #SBATCH line.
+
+    sbatch reads an #SBATCH line with its own parser (``_get_argument`` in src/sbatch/opt.c): a
+    double-quoted argument may hold spaces and ``#``, and a backslash escapes the next character,
+    so ``"`` is written ``\\"``. In the file name ``%`` starts a pattern (``%j``: the job id) and
+    ``%%`` is a literal ``%`` (sbatch(1), filename pattern). Two things cannot work and are
+    refused: a newline ends the #SBATCH line, and a backslash anywhere in the file name makes
+    Slurm drop every backslash and expand no pattern, so the log would not carry the job id.
+    """
+    folder = str(logs_dir)
+    for char, what, why in (("\n", "newline", "it would end the #SBATCH line"),
+                            ("\r", "carriage return", "it would end the #SBATCH line"),
+                            ("\\", "backslash", "Slurm then drops every backslash and "
+                             "expands no %j pattern in the log's name")):
+        if char in folder:
+            raise ConfigError(
+                f"logs folder: {folder!r} has a {what}, which an #SBATCH --output line cannot "
+                f"take ({why}); use a logs folder without it: --set logs_dir=/some/other/folder")
+    name = f"{folder.replace('%', '%%')}/{step}-%j.out"
+    return '"' + name.replace('"', '\\"') + '"'
+
+
 def fill(template: str, values: dict[str, str], name: str) -> str:
     """Replace ``{{key}}`` placeholders; an unknown placeholder is an error in the template."""
 
@@ -75,6 +101,24 @@ def fill(template: str, values: dict[str, str], name: str) -> str:
         return values[key]
 
     return _PLACEHOLDER.sub(sub, template)
+
+
+def _setup_lines(lines: list[str]) -> str:
+    """Each ``slurm.setup`` line, run so that its failure ends the job saying which line failed.
+
+    ``eval`` at the top level of the script: the line runs in the job's own shell (a ``source``
+    or ``module load`` changes the step's environment, a ``# comment`` stays inside the line),
+    and ``||`` sees the exit code of the whole line, not of some command inside a sourced file.
+    """
+    if not lines:
+        return "# (no setup lines configured)"
+    out = []
+    for i, line in enumerate(lines):
+        key = f"slurm.setup[{i}]"  # quoted below: [0] is a glob pattern to bash
+        out.append(
+            f"eval {shlex.quote(line)} || {{ rc=$?; printf 'hpcpipe: setup line %s failed with "
+            f"exit code %s: %s\\n' {shlex.quote(key)} \"$rc\" {shlex.quote(line)} >&2; exit \"$rc\"; }}")
+    return "\n".join(out)
 
 
 def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
@@ -91,10 +135,9 @@ def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
         site.append(f"#SBATCH --mem={_sbatch_word(res.mem, f'{step}.mem')}")
     for i, opt in enumerate(s.extra_sbatch):
         site.append(f"#SBATCH {_sbatch_word(opt, f'slurm.extra_sbatch[{i}]')}")
-    log = logs_dir / f"{step}-%j.out"
     values = {
         "job_name": _sbatch_word(f"{step}.{layout.run_id}", "run name"),
-        "log": _sbatch_word(str(log), "logs folder"),
+        "log": _sbatch_log_path(logs_dir, step),
         "nodes": str(res.nodes),
         "ntasks_per_node": str(res.ntasks_per_node),
         "cpus_per_task": str(res.cpus_per_task),
@@ -102,7 +145,7 @@ def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
         "time": _sbatch_word(res.time, f"{step}.time"),
         "signal_seconds": str(cfg.train.signal_seconds),
         "site_options": "\n".join(site),
-        "setup": "\n".join(s.setup) if s.setup else "# (no setup lines configured)",
+        "setup": _setup_lines(s.setup),
         "launch": (backend.launcher(step, res.nodes * res.ntasks_per_node) + " ").lstrip(),
         "python": shlex.quote(s.python or sys.executable),
         "job_module": f"{packaged.JOBS_PACKAGE}.{step}",

@@ -182,9 +182,7 @@ class _Runner:
 
     def log_path(self) -> Path:
         text = self.script.read_text(encoding="utf-8")
-        m = re.search(r"^#SBATCH\s+--output=(\S+)", text, re.M)
-        out = m.group(1) if m else str(self.script.with_suffix(".out"))
-        return Path(out.replace("%j", self.job_id))
+        return sbatch_output_path(text, self.job_id) or self.script.with_suffix(".out")
 
     def run(self) -> int:
         deadline = time.time() + 30
@@ -224,6 +222,79 @@ class _Runner:
         else:
             self.save(state="FAILED", end=_now(), exit_code=f"{rc}:0")
         return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the log goes: the script's #SBATCH --output, read as sbatch reads it.
+
+
+def _sbatch_words(line: str) -> list[str]:
+    """The arguments of one #SBATCH line (after the magic word), split as sbatch splits them
+    (``_get_argument`` in src/sbatch/opt.c): whitespace separates, single or double quotes group,
+    a backslash escapes the next character (inside quotes too), an unquoted ``#`` starts a
+    comment."""
+    words: list[str] = []
+    word: list[str] | None = None
+    quote = ""
+    chars = iter(line)
+    for c in chars:
+        if c == "\\":
+            word = word if word is not None else []
+            word.append(next(chars, ""))
+        elif quote:
+            if c == quote:
+                quote = ""
+            else:
+                word = word if word is not None else []
+                word.append(c)
+        elif c in "\"'":
+            quote = c
+            word = word if word is not None else []
+        elif c == "#":
+            break
+        elif c.isspace():
+            if word is not None:
+                words.append("".join(word))
+            word = None
+        else:
+            word = word if word is not None else []
+            word.append(c)
+    if word is not None:
+        words.append("".join(word))
+    return words
+
+
+def _expand_filename(name: str, job_id: str) -> str:
+    """Slurm's file name patterns that a local job has: ``%j`` (job id) and ``%%`` (a ``%``). Like
+    Slurm, a name with a backslash has its backslashes removed and no pattern expanded."""
+    if "\\" in name:
+        return name.replace("\\", "")
+    return re.sub(r"%(%|j)", lambda m: "%" if m.group(1) == "%" else job_id, name)
+
+
+def sbatch_output_path(script_text: str, job_id: str) -> Path | None:
+    """The log path the script's ``#SBATCH --output`` (or ``-o``) names for ``job_id``, or None.
+
+    sbatch reads #SBATCH lines up to the first command line; the last --output given wins.
+    """
+    out = None
+    for line in script_text.splitlines():
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#!"):
+            continue
+        if not stripped.startswith("#"):
+            break  # sbatch stops reading options at the first command
+        if not stripped.startswith("#SBATCH"):
+            continue
+        words = _sbatch_words(stripped[len("#SBATCH"):])
+        for i, word in enumerate(words):
+            if word.startswith("--output="):
+                out = word[len("--output="):]
+            elif word in ("--output", "-o") and i + 1 < len(words):
+                out = words[i + 1]
+            elif word.startswith("-o") and len(word) > 2:
+                out = word[2:]
+    return Path(_expand_filename(out, job_id)) if out is not None else None
 
 
 def _first_record(job_id: str, after: list[str], script: Path) -> dict:

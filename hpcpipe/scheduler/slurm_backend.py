@@ -47,7 +47,8 @@ class SlurmBackend(Backend):
             return {}
 
     def check(self, cfg: RunConfig) -> None:
-        """Refuse a layout the partition cannot place, using one ``sinfo`` call."""
+        """Refuse a layout the partition cannot place, using one ``sinfo`` call; only the steps
+        in ``cfg.steps`` (a rerun passes the steps it is about to queue)."""
         nodes, default = scheduler.nodes()
         part = cfg.slurm.partition or default
         if part is None:
@@ -58,6 +59,17 @@ class SlurmBackend(Backend):
             known = sorted({p for n in nodes for p in n.partitions})
             raise ConfigError(f"partition '{part}' does not exist on this cluster; "
                               f"known partitions: {', '.join(known)}")
+        for step in ("ingest", "features", "train"):
+            mem = getattr(cfg, step).mem
+            if step in cfg.steps and mem:
+                _check_memory(step, mem, in_part, part)
+        if "ingest" in cfg.steps:
+            fit = [n for n in in_part if n.cpus >= cfg.ingest.cpus]
+            if not fit:
+                raise ConfigError(
+                    f"ingest asks for {cfg.ingest.cpus} CPUs on one node but partition '{part}' "
+                    f"has no node with that many (largest: {max(n.cpus for n in in_part)}); "
+                    "lower ingest.cpus")
         if "features" in cfg.steps:
             f = cfg.features
             per_node = -(-f.cpus // f.nodes)
@@ -80,3 +92,22 @@ class SlurmBackend(Backend):
                     f"(and {cpus} CPUs per node), but partition '{part}' has only {len(fit)} "
                     f"node(s) that can hold that (most GPUs on one node: {most}); "
                     "change --gpus/--gpus-per-node or the partition")
+
+
+def _mem_mb(text: str) -> int:
+    """An ``--mem`` value (checked by the config: digits and an optional K/M/G/T) in MB, the unit
+    sinfo reports node memory in and sbatch assumes without a suffix."""
+    unit = text[-1].upper() if text[-1].isalpha() else "M"
+    number = int(text[:-1] if text[-1].isalpha() else text)
+    return {"K": number // 1024, "M": number, "G": number * 1024, "T": number * 1024 ** 2}[unit]
+
+
+def _check_memory(step: str, mem: str, in_part: list[scheduler.NodeInfo], part: str) -> None:
+    """sbatch refuses a ``--mem`` no node of the partition has ("Memory specification can not be
+    satisfied"): say so before anything is queued."""
+    largest = max(n.memory_mb for n in in_part)
+    if _mem_mb(mem) > largest:
+        raise ConfigError(
+            f"{step}.mem={mem} is more memory than any node of partition '{part}' has (largest: "
+            f"{largest} MB, about {largest / 1024:.1f}G); lower {step}.mem, e.g. "
+            f"--set {step}.mem={largest}M")
