@@ -536,13 +536,25 @@ def test_run_folder_logs_modes_and_no_secrets(tmp_path: Path, umask: int) -> Non
                     assert value.encode() not in body, f"{value} written to {p}"
 
 
-def test_a_logs_folder_sbatch_cannot_take_is_refused_and_leaves_no_run(tmp_path: Path) -> None:
-    """The default logs folder is ./logs: from a folder whose path has a space, --output cannot
-    name it. The refusal must come before a run folder exists, or an empty run becomes "latest"."""
+def test_a_logs_folder_needing_quotes_works_and_one_slurm_cannot_take_leaves_no_run(
+        tmp_path: Path) -> None:
+    """The default logs folder is ./logs. From a folder whose path has a space it is quoted in
+    the #SBATCH --output line (it used to be refused); a backslash, which makes Slurm drop %j,
+    is refused before a run folder exists, or an empty run would become "latest"."""
     cwd = tmp_path / "a b"
     cwd.mkdir()
-    result = hp(cwd, "submit", "--local", "--steps", "ingest", runs=tmp_path / "runs", check=False)
+    result = hp(cwd, "submit", "--local", "--wait", "--steps", "ingest", "--set",
+                "data.synth_reviews=500", runs=tmp_path / "runs", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    job = json.loads((run / "state.json").read_text())["steps"]["ingest"]["jobs"][0]["job_id"]
+    assert (cwd / "logs" / run.name / f"ingest-{job}.out").is_file()
+
+    cwd = tmp_path / "a\\b"
+    cwd.mkdir()
+    result = hp(cwd, "submit", "--local", "--steps", "ingest", runs=tmp_path / "runs2",
+                check=False)
     assert result.returncode == 1 and "logs folder" in result.stderr and \
-        "Traceback" not in result.stderr
+        "backslash" in result.stderr and "Traceback" not in result.stderr
     assert not list(cwd.rglob("*.out"))
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").iterdir())
+    assert not (tmp_path / "runs2").exists() or not list((tmp_path / "runs2").iterdir())
