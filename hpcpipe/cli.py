@@ -337,7 +337,9 @@ def cancel(run_or_step: str | None, step: str | None, runs_dir: Path) -> None:
               help="Also resubmit the later steps that had not completed, behind the new job.")
 @click.option("--cancel-first", is_flag=True, help="Cancel the step's job if it is still running.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-              help="Change a config key for this and later submissions of the run.")
+              help="Change a config key for this and later submissions of the run. Checked "
+                   "like submit (keys, paths, the cluster's layout) before anything is cancelled "
+                   "or queued; a refused value leaves the run's config as it was.")
 @runs_dir_option
 def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
           overrides: tuple[str, ...], runs_dir: Path) -> None:
