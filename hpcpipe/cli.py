@@ -36,15 +36,15 @@ class _Group(click.Group):
 
 def os_error_message(exc: OSError) -> str:
     """What went wrong with which file, and what to do, for an error of the file system."""
-    where = f" {exc.filename}" if exc.filename else ""
+    where = f": {exc.filename}" if exc.filename else ""
     what = exc.strerror or str(exc)
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         owner = _owner(exc.filename)
-        return (f"{what}:{where}{owner}. hpcpipe needs to write there: use a run or runs folder "
+        return (f"{what}{where}{owner}. hpcpipe needs to write there: use a run or runs folder "
                 "of your own (--runs-dir or HPCPIPE_RUNS_DIR), or ask its owner")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"{what}:{where}. Free space (or quota) there and try again"
-    return f"{what}:{where}" if where else what
+        return f"{what}{where}. Free space (or quota) there and try again"
+    return f"{what}{where}"
 
 
 def _owner(path: Any) -> str:

@@ -113,3 +113,29 @@ def test_an_invalid_grep_pattern_is_refused(tmp_path: Path) -> None:
     _finished_run(tmp_path / "runs", "run-a", "2026-01-01T00:00:00")
     proc = _cmd(tmp_path, ["logs", "train", "--grep", "[unclosed"])
     assert proc.returncode == 2 and "not a valid regular expression" in proc.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_full_disk_during_submit_is_a_message_and_leaves_no_empty_run(tmp_path: Path) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        (mnt / "runs").mkdir()
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # fill it to the last block
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        proc = hp(tmp_path, "submit", "--local", check=False,
+                  env={"HPCPIPE_RUNS_DIR": str(mnt / "runs")})
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in out, out
+        assert "No space left on device" in proc.stderr and str(mnt / "runs") in proc.stderr
+        assert "Free space" in proc.stderr, proc.stderr
+        assert list((mnt / "runs").iterdir()) == []  # no empty run to become the latest
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

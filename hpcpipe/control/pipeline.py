@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,13 +70,20 @@ def submit(cfg: RunConfig, *, backend_name: str, runs_dir: Path, dry_run: bool,
         return None
 
     run = Run.create(runs_dir, run_id, backend_name, Path(cfg.logs_dir))
-    with run.lock("submit"):
-        run.save()  # the state appears only under the lock: no rerun can slip in before it
-        write_config(cfg, run.layout)
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        new = apply(plan, run, backend, verb="submitting")
-        run.event("submitted " + ", ".join(f"{s}={j}" for s, j in new.items()))
-        run.save()
+    try:
+        with run.lock("submit"):
+            run.save()  # the state appears only under the lock: no rerun can slip in before it
+            write_config(cfg, run.layout)
+            logs_dir.mkdir(parents=True, exist_ok=True)
+            new = apply(plan, run, backend, verb="submitting")
+            run.event("submitted " + ", ".join(f"{s}={j}" for s, j in new.items()))
+            run.save()
+    except BaseException:
+        # Nothing was queued (a full disk, a refused first sbatch): leave no empty run behind,
+        # or it would become the "latest" run. A run with jobs on record is kept.
+        if not run.all_jobs() and not run.state.submitting:
+            shutil.rmtree(run.layout.root, ignore_errors=True)
+        raise
     return run
 
 

@@ -154,8 +154,9 @@ class Run:
                 raise RunError(
                     f"run {self.run_id} is busy: {holder} holds its lock. Wait for it to finish "
                     "and try again") from None
-            os.ftruncate(fd, 0)
-            os.write(fd, f"`hpcpipe {what}` (pid {os.getpid()})".encode())
+            with contextlib.suppress(OSError):  # who holds it is only for the busy message
+                os.ftruncate(fd, 0)
+                os.write(fd, f"`hpcpipe {what}` (pid {os.getpid()})".encode())
             self.reload()  # the command that held the lock may have changed the state meanwhile
             yield
         finally:
