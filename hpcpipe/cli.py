@@ -42,7 +42,7 @@ def os_error_message(exc: OSError) -> str:
         owner = _owner(exc.filename)
         return (f"{what}{where}{owner}. hpcpipe needs to write there: use a run or runs folder "
                 "of your own (--runs-dir or HPCPIPE_RUNS_DIR), or ask its owner")
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and "Free space" not in what:
         return f"{what}{where}. Free space (or quota) there and try again"
     return f"{what}{where}"
 
