@@ -7,6 +7,7 @@ real clusters print them. The cases the test cluster can produce for real live i
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -132,23 +133,33 @@ def test_slurm_cancelling_a_job_whose_dependency_failed_is_named_as_such() -> No
 
 @pytest.mark.slurm
 def test_jobs_that_waiting_will_not_start_are_diagnosed(slurm_cluster, tmp_path: Path) -> None:  # noqa: ANN001
-    """A time limit above the partition's MaxTime, and a held job: both pend forever, and
-    summarize says so with what to do instead of "Nothing has failed so far"."""
+    """A time limit above the partition's MaxTime, a held job, and a job whose node is reserved
+    for maintenance: all pend, and summarize says why and what to do instead of "Nothing has
+    failed so far"."""
+    import subprocess
+
     from hpcpipe.watch.refresh import refresh
 
     out = f"--output={tmp_path}/%j.out"
+    resv = f"hp_maint_{os.getpid()}"
+    subprocess.run(["scontrol", "create", "reservation", f"ReservationName={resv}",
+                    "StartTime=now", "Duration=10", "Nodes=n2", "Users=root",
+                    "Flags=maint,ignore_jobs"], check=True, capture_output=True)
     too_long = slurm_cluster.sbatch("--partition=short", "--time=20", out, "--wrap", "true")
     held = slurm_cluster.sbatch("--hold", "--time=1", out, "--wrap", "true")
+    no_node = slurm_cluster.sbatch("--nodelist=n2", "--time=1", out, "--wrap", "true")
     try:
         run = Run.create(tmp_path / "runs", "run-stuck", "slurm", tmp_path / "logs")
         run.add_job("ingest", too_long, [], Path("x"))
         run.add_job("features", held, [], Path("y"))
+        run.add_job("train", no_node, [], Path("z"))
         run.save()
         deadline = time.monotonic() + 30
         while True:
             refresh(run)
-            reasons = (run.job("ingest").reason, run.job("features").reason)
-            if reasons == ("PartitionTimeLimit", "JobHeldUser") or time.monotonic() > deadline:
+            reasons = [run.job(s).reason for s in ("ingest", "features", "train")]
+            if (reasons[:2] == ["PartitionTimeLimit", "JobHeldUser"]
+                    and reasons[2].startswith("ReqNodeNotAvail")) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
         report = build_report(run)
@@ -159,8 +170,11 @@ def test_jobs_that_waiting_will_not_start_are_diagnosed(slurm_cluster, tmp_path:
         assert "--set ingest.time=" in found["ingest"].action
         assert "held" in found["features"].problem
         assert f"scontrol release {held}" in found["features"].action
+        assert "nodes it needs are down, drained or reserved" in found["train"].problem
+        assert "--exclude=" in found["train"].action
     finally:
-        slurm_cluster.cancel(too_long, held)
+        slurm_cluster.cancel(too_long, held, no_node)
+        subprocess.run(["scontrol", "delete", f"ReservationName={resv}"], capture_output=True)
 
 
 def test_a_model_worse_than_the_baseline_is_said_first(tmp_path: Path) -> None:
