@@ -11,6 +11,7 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -329,6 +330,68 @@ def test_rerun_after_losing_buckets_recomputes_only_those(full_run, client, inge
     for b in range(12):
         assert (features.bucket_output(out, b).read_bytes()
                 == features.bucket_output(ref_out, b).read_bytes())
+
+
+def test_changed_ingest_output_recomputes_features(client, tmp_path, caplog):
+    """Ingest ran again on other data: the old features are stale, not "already complete"."""
+    ingest = write_ingest(tmp_path / "ingest", random_reviews(40, seed=3), n_buckets=4)
+    out = tmp_path / "features"
+    features.build_features(ingest, out, FeaturesConfig(), client=client, progress=False)
+    shutil.rmtree(ingest)
+    write_ingest(ingest, random_reviews(50, seed=4), n_buckets=3)
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        manifest = features.build_features(ingest, out, FeaturesConfig(), client=client,
+                                           progress=False)
+    assert "nothing to do" not in caplog.text
+    assert "ingest output changed since features ran" in caplog.text, caplog.text
+    assert manifest["buckets_done"] == 3 and manifest["buckets_skipped"] == 0
+    assert_same(read_features(out), reference(ingest))
+
+
+def test_buckets_of_an_interrupted_run_on_other_ingest_output_are_not_reused(client, tmp_path):
+    """Buckets are reused by what they were computed from, not by their age: here ingest's new
+    output is a copy that kept its files' older times (copytree, `cp -p`, `rsync -a`)."""
+    other = write_ingest(tmp_path / "other", random_reviews(50, seed=6), n_buckets=4)
+    ingest = write_ingest(tmp_path / "ingest", random_reviews(50, seed=5), n_buckets=4)
+    out = tmp_path / "features"
+    features.build_features(ingest, out, FeaturesConfig(), client=client, progress=False)
+    (out / "manifest.json").unlink()  # as a killed run leaves it
+    shutil.rmtree(ingest)
+    shutil.copytree(other, ingest)
+    manifest = features.build_features(ingest, out, FeaturesConfig(), client=client,
+                                       progress=False)
+    assert manifest["buckets_skipped"] == 0
+    assert_same(read_features(out), reference(ingest))
+
+
+def test_manifest_without_fingerprint_is_recomputed_once(client, ingest_dir, tmp_path, caplog):
+    """A features manifest an older hpcpipe wrote: what it was computed from is unknown."""
+    out = tmp_path / "features"
+    first = features.build_features(ingest_dir, out, FeaturesConfig(), client=client,
+                                    progress=False)
+    old = {k: v for k, v in first.items() if k not in ("fingerprint", "made_from")}
+    (out / "manifest.json").write_text(json.dumps(old))
+    for part in out.glob("bucket=*/part-0.parquet"):  # nor did its buckets record anything
+        pq.write_table(pq.read_table(part).replace_schema_metadata(None), part)
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        again = features.build_features(ingest_dir, out, FeaturesConfig(), client=client,
+                                        progress=False)
+        assert "recomputing once" in caplog.text, caplog.text
+        assert again["buckets_done"] == 12
+        caplog.clear()
+        features.build_features(ingest_dir, out, FeaturesConfig(), client=client,
+                                progress=False)
+    assert "nothing to do" in caplog.text
+
+
+def test_resources_are_not_part_of_what_features_are_computed_from(full_run, client,
+                                                                   ingest_dir, caplog):
+    out, manifest = full_run
+    other = FeaturesConfig(cpus=3, nodes=2, mem="9G", time="1:00:00", threads_per_worker=2,
+                           worker_memory="1GB")
+    with caplog.at_level(logging.INFO, logger="hpcpipe.steps.features"):
+        again = features.build_features(ingest_dir, out, other, client=client, progress=False)
+    assert again == manifest and "nothing to do" in caplog.text
 
 
 KILLED_RUN = """

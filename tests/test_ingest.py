@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -280,6 +281,70 @@ def test_changed_input_reruns(tmp_path):
     write_lines(tmp_path / "r.jsonl", [review(i) for i in range(40)])
     m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
     assert "skipped" not in m and m["rows_out"] == 40
+
+
+def test_a_changed_input_is_named_in_the_log(tmp_path, caplog):
+    reviews = tmp_path / "r.jsonl"
+    write_lines(reviews, [review(i) for i in range(30)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    ingest([reviews], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    before = reviews.stat().st_size
+    write_lines(reviews, [review(i) for i in range(40)])
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        m = ingest([reviews], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert "skipped" not in m and m["rows_out"] == 40
+    assert (f"input {reviews.resolve()} changed: size {before} -> {reviews.stat().st_size}"
+            in caplog.text), caplog.text
+
+
+def test_a_file_replaced_with_the_same_size_and_time_is_still_a_change(tmp_path, caplog):
+    """What `cp -p` or `rsync -a` of a regenerated file can leave: only the content differs."""
+    reviews = tmp_path / "r.jsonl"
+    write_lines(reviews, [review(i) for i in range(30)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    ingest([reviews], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    st = reviews.stat()
+    write_lines(reviews, [review(i, rating=3.0) for i in range(30)])
+    os.utime(reviews, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (reviews.stat().st_size, reviews.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        m = ingest([reviews], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert "skipped" not in m
+    assert f"input {reviews.resolve()} changed: content" in caplog.text, caplog.text
+    ratings = pq.read_table(tmp_path / "out" / "reviews").column("rating").to_pylist()
+    assert set(ratings) == {3.0}
+
+
+def test_a_changed_setting_is_named_in_the_log(tmp_path, caplog):
+    write_lines(tmp_path / "r.jsonl", [review(i) for i in range(30)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg(10))
+    assert "skipped" not in m and m["n_buckets"] == 3
+    assert "target_bucket_rows changed: 500000 -> 10" in caplog.text, caplog.text
+
+
+def test_a_manifest_without_fingerprint_is_recomputed_once(tmp_path, caplog):
+    """A manifest an older hpcpipe wrote: what it was computed from is unknown."""
+    write_lines(tmp_path / "r.jsonl", [review(i) for i in range(30)])
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    args = ([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    first = ingest(*args)
+    path = tmp_path / "out" / "manifest.json"
+    old = json.loads(path.read_text())
+    made_from = old.pop("made_from")
+    del old["fingerprint"]
+    old["inputs"] = [{k: v for k, v in i.items() if k != "sample"} for i in made_from["inputs"]]
+    old["settings"] = {"target_bucket_rows": 500_000}
+    path.write_text(json.dumps(old))
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        again = ingest(*args)
+        assert "skipped" not in again and "recomputing once" in caplog.text, caplog.text
+        assert again["fingerprint"] == first["fingerprint"]
+        caplog.clear()
+        assert ingest(*args)["skipped"] is True
+    assert "ingest already done for these inputs" in caplog.text
 
 
 def test_bucket_of_is_stable_across_processes():

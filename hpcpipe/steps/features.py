@@ -21,8 +21,12 @@ that key, and lags and the target are a few shifted comparisons of it; no Python
 
 Each bucket is read, computed and written to a temporary name that is renamed into place, so a
 killed job leaves only complete buckets; a rerun skips them (and logs so) and writes
-``features/manifest.json`` last. A killed worker costs only the bucket it had in flight: Dask's
-nanny restarts it, the bucket is computed again, and its temporary is removed at the end.
+``features/manifest.json`` last. What the output is computed from (ingest's fingerprint, the last
+week; see :mod:`hpcpipe.run.provenance`) is recorded in the manifest and in every bucket file's
+footer: a finished step, or a finished bucket, is kept only when that is still what it would be
+computed from, so features made from an earlier ingest output are recomputed, never reused. A
+killed worker costs only the bucket it had in flight: Dask's nanny restarts it, the bucket is
+computed again, and its temporary is removed at the end.
 
 Several nodes: the step runs once per Slurm task under ``srun``, one task per Dask process (see
 :mod:`hpcpipe.runtime.dask_cluster`): rank 0 runs the Dask scheduler, rank 1 the code below, every
@@ -59,6 +63,7 @@ from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp, read_json, write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.run.provenance import fingerprint, identity
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps.done import already_done
 
@@ -97,6 +102,8 @@ OUTPUT_SCHEMA = pa.schema([
 
 PART_NAME = "part-0.parquet"
 MANIFEST = "manifest.json"
+#: The key in each bucket file's footer that holds the fingerprint of what it was computed from.
+FINGERPRINT_KEY = b"hpcpipe.fingerprint"
 _DAY_MS = 86_400_000
 # 1970-01-01 was a Thursday: week index w = floor((days + 3) / 7) counts Mondays from 1969-12-29,
 # and that Monday is day 7 * w - 3.
@@ -282,8 +289,9 @@ def _read_bucket(files: list[str]) -> pa.Table:
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
 
 
-def process_bucket(files: list[str], out_path: str, last_week: str) -> dict[str, Any]:
-    """Compute one bucket's features, write them atomically to ``out_path``; runs on a worker."""
+def process_bucket(files: list[str], out_path: str, last_week: str, fp: str = "") -> dict[str, Any]:
+    """Compute one bucket's features, write them atomically to ``out_path`` (``fp``, the
+    fingerprint of what they are computed from, in the file's footer); runs on a worker."""
     start = time.perf_counter()
     table = _read_bucket(files)
     rows_in = table.num_rows
@@ -292,6 +300,7 @@ def process_bucket(files: list[str], out_path: str, last_week: str) -> dict[str,
     else:
         out = OUTPUT_SCHEMA.empty_table()
     del table
+    out = out.replace_schema_metadata({FINGERPRINT_KEY: fp.encode()})
     delay = faulthooks.delay_s(faulthooks.BUCKET_DELAY_ENV)
     with atomic_path(Path(out_path)) as tmp:
         pq.write_table(out, tmp, compression="zstd")
@@ -358,17 +367,56 @@ def _rows(files: list[str]) -> int:
     return sum(pq.read_metadata(f).num_rows for f in files if os.path.getsize(f) > 0)
 
 
-def _is_done(out: Path, files: list[str]) -> bool:
-    """A bucket is done when its output exists and is not older than its input."""
+def _reusable_rows(out: Path, files: list[str], fp: str) -> int | None:
+    """The row count of a finished bucket that can be kept, else None. It can when its footer
+    says it was computed from the same ingest output and settings, and it is not older than its
+    input (a bucket written before fingerprints were recorded has none: recomputed)."""
     if not out.is_file():
-        return False
+        return None
+    try:
+        meta = pq.read_metadata(out)
+    except (OSError, pa.ArrowException):
+        return None
+    if (meta.metadata or {}).get(FINGERPRINT_KEY) != fp.encode():
+        return None
     newest_input = max((os.path.getmtime(f) for f in files), default=0.0)
-    return out.stat().st_mtime >= newest_input
+    if out.stat().st_mtime < newest_input:
+        return None
+    return int(meta.num_rows)
 
 
-def _complete(out_dir: Path) -> dict[str, Any] | None:
-    """The manifest of a finished features step in ``out_dir``, or None."""
-    manifest = already_done(out_dir / MANIFEST)
+def made_from(in_dir: Path, cfg: FeaturesConfig, last_week: str | dt.date | None = None
+              ) -> dict[str, Any]:
+    """What the features of ``in_dir`` would be computed from now: ingest's fingerprint (from
+    ``in_dir/manifest.json``), the data set's last week (``last_week``, by default the ingest
+    manifest's) and the settings that change the output."""
+    ingest_manifest = Path(in_dir) / MANIFEST
+    ingest = read_json(ingest_manifest) if ingest_manifest.is_file() else None
+    if last_week is None:
+        if ingest is None:
+            raise InputError(
+                f"{ingest_manifest} does not exist: the ingest step has not finished; run it first"
+                " (`hpcpipe rerun ingest`, or `hpcpipe submit` for a new run)")
+        last_week = ingest["last_week"]
+    last_week = str(last_week)
+    try:
+        dt.date.fromisoformat(last_week)
+    except ValueError:
+        raise InputError(f"last_week {last_week!r} is not a date YYYY-MM-DD") from None
+    return {
+        # A folder of buckets without ingest's manifest has no fingerprint: None.
+        "ingest": identity(ingest) if isinstance(ingest, dict) else None,
+        "last_week": last_week,
+        # No features key changes the output today (cpus, nodes, memory, time and threads never
+        # do); one that does belongs here.
+        "settings": {},
+    }
+
+
+def _complete(out_dir: Path, made: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest of a finished features step in ``out_dir`` computed from ``made``, or None
+    (a manifest computed from anything else is removed; the log says what changed)."""
+    manifest = already_done(out_dir / MANIFEST, made, what="features")
     if manifest is not None:
         log.info("features already complete (%s exists), nothing to do", out_dir / MANIFEST)
     return manifest
@@ -387,29 +435,22 @@ def build_features(
 
     ``in_dir`` is the ingest output folder (with ``reviews/bucket=NNNNN/``) or a folder of bucket
     folders. ``last_week`` defaults to ``last_week`` of ``in_dir/manifest.json``. Buckets whose
-    output exists (and is newer than their input) are skipped; temporaries of a killed run are
-    removed. ``out_dir/manifest.json`` is written last; when it exists already the step is complete
-    and its contents are returned without computing anything. Without ``client`` a cluster is
+    output exists, was computed from the same ingest output and last week (its footer says) and
+    is newer than their input are skipped; temporaries of a killed run are removed.
+    ``out_dir/manifest.json`` is written last, with ``made_from`` and ``fingerprint``; when one
+    computed from the same exists already, the step is complete and its contents are returned
+    without computing anything. Without ``client`` a cluster is
     opened with :func:`hpcpipe.runtime.dask_cluster.open_cluster`. With ``metrics`` a ``kind="summary"``
     line (rows_in, rows_out, seconds, rows_per_s, peak_worker_memory_bytes, buckets_done,
     buckets_skipped, n_workers) is appended.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    done = _complete(out_dir)
+    made = made_from(in_dir, cfg, last_week)
+    done = _complete(out_dir, made)
     if done is not None:
         return done
-    if last_week is None:
-        ingest_manifest = in_dir / MANIFEST
-        if not ingest_manifest.is_file():
-            raise InputError(
-                f"{ingest_manifest} does not exist: the ingest step has not finished; run it first"
-            )
-        last_week = read_json(ingest_manifest)["last_week"]
-    last_week = str(last_week)
-    try:
-        dt.date.fromisoformat(last_week)
-    except ValueError:
-        raise InputError(f"last_week {last_week!r} is not a date YYYY-MM-DD") from None
+    last_week = made["last_week"]
+    fp = fingerprint(made)
 
     if client is None:
         from hpcpipe.runtime.dask_cluster import open_cluster
@@ -431,10 +472,10 @@ def build_features(
     rows_out: dict[int, int] = {}
     todo: list[int] = []
     for b, files in buckets.items():
-        out = bucket_output(out_dir, b)
-        if _is_done(out, files):
+        kept = _reusable_rows(bucket_output(out_dir, b), files, fp)
+        if kept is not None:
             log.info("bucket %05d already done, skipped", b)
-            rows_out[b] = pq.read_metadata(out).num_rows
+            rows_out[b] = kept
         else:
             todo.append(b)
     skipped = len(buckets) - len(todo)
@@ -446,7 +487,7 @@ def build_features(
     todo.sort(key=lambda b: -rows_in[b])
     tag = uuid.uuid4().hex[:8]
     futures = {
-        client.submit(process_bucket, buckets[b], str(bucket_output(out_dir, b)), last_week,
+        client.submit(process_bucket, buckets[b], str(bucket_output(out_dir, b)), last_week, fp,
                       key=f"features-bucket-{b:05d}-{tag}"): b
         for b in todo
     }
@@ -483,6 +524,8 @@ def build_features(
         "buckets_skipped": skipped,
         "n_workers": n_workers,
         "columns": OUTPUT_SCHEMA.names,
+        "made_from": made,
+        "fingerprint": fp,
     }
     summary = {
         "rows_in": manifest["rows_in"],
@@ -509,16 +552,11 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
     Under ``srun`` on several nodes every rank calls this; only the client rank computes, the
     scheduler and worker ranks return ``{}`` when the cluster shuts down.
     """
-    done = _complete(layout.features)
+    made = made_from(layout.ingest, cfg.features)
+    done = _complete(layout.features, made)
     if done is not None:
         return done
-    ingest_manifest = layout.ingest / MANIFEST
-    if not ingest_manifest.is_file():
-        raise InputError(
-            f"{ingest_manifest} does not exist: the ingest step has not finished; run it first "
-            "(`hpcpipe rerun ingest`, or `hpcpipe submit` for a new run)"
-        )
-    last_week = read_json(ingest_manifest)["last_week"]
+    last_week = made["last_week"]
 
     from hpcpipe.runtime.dask_cluster import open_cluster
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 from typing import Any
 
 from hpcpipe.run.folder import Run
+from hpcpipe.run.provenance import out_of_date
 from hpcpipe.run.record import JobRecord
 from hpcpipe.users import user_name
 
 
 def step_rows(run: Run) -> list[dict[str, Any]]:
-    """One row per step: its current job and the ids of earlier jobs."""
+    """One row per step: its current job, the ids of earlier jobs, and ``out_of_date``: why the
+    output of a step whose job has ended no longer matches what it would be computed from now
+    (from the steps' small JSON records), or None."""
+    stale = out_of_date(run.layout)
     rows = []
     for step in run.steps():
         jobs = run.jobs(step)
@@ -23,6 +27,8 @@ def step_rows(run: Run) -> list[dict[str, Any]]:
             "nodes": cur.nodes, "exit_code": cur.exit_code,
             "restarts": cur.restarts,
             "earlier": [j.job_id for j in jobs[:-1]], "log": cur.log,
+            # A queued or running job is about to redo the step: its old output says nothing.
+            "out_of_date": None if cur.active else stale.get(step),
         })
     return rows
 
@@ -54,6 +60,8 @@ def format_table(run: Run, note: str | None = None) -> str:
         if r["time_limit"]:
             elapsed += f"/{r['time_limit']}"
         reason = r["reason"] + (f" (requeued {r['restarts']}x)" if r["restarts"] else "")
+        if r["out_of_date"]:
+            reason = f"{reason}; {r['out_of_date']}" if reason else r["out_of_date"]
         body.append([r["step"], r["job_id"], r["state"], elapsed, r["nodes"] or "-",
                      reason or "-", ",".join(r["earlier"]) or "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]

@@ -15,7 +15,8 @@ How it runs, in bounded memory, one module per part:
    off, and each bucket is sorted, deduplicated and written.
 
 The reviews folder is built under a temporary name and renamed; ``manifest.json`` comes last, so a
-crash never leaves output that looks complete. A manifest for the same inputs means "already done".
+crash never leaves output that looks complete. A manifest whose fingerprint is that of the same
+input files and settings means "already done" (see :mod:`hpcpipe.run.provenance`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from hpcpipe.config import IngestConfig, RunConfig
 from hpcpipe.files import atomic_path, temp_name, write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
+from hpcpipe.run.provenance import fingerprint
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps.done import already_done
 from hpcpipe.steps.ingest.buckets import (
@@ -90,18 +92,23 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
 
     ``reviews_paths``: JSON lines (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``) or
     ``.parquet`` files. ``metadata_path``: the product metadata in the same formats. Returns the
-    manifest dict (also written to ``out_dir/manifest.json``); if a manifest for the same inputs
-    and ``target_bucket_rows`` already exists, nothing is redone and it is returned with
-    ``"skipped": True``. Raises :class:`InputError` for input that cannot be used as a whole
-    (missing or unreadable file, truncated gzip/parquet, unknown extension, no valid rows, a whole
-    file of second timestamps, metadata that does not match the reviews).
+    manifest dict (also written to ``out_dir/manifest.json``, with ``made_from``: the input files
+    and settings, and its ``fingerprint``); if a manifest with the same fingerprint already
+    exists, nothing is redone and it is returned with ``"skipped": True``. Raises
+    :class:`InputError` for input that cannot be used as a whole (missing or unreadable file,
+    truncated gzip/parquet, unknown extension, no valid rows, a whole file of second
+    timestamps, metadata that does not match the reviews).
     """
     start = time.perf_counter()
     out_dir = Path(out_dir)
     reviews, metadata = checked_inputs(reviews_paths, metadata_path)
-    inputs = [describe(p, "reviews") for p in reviews] + [describe(metadata, "metadata")]
-    settings = {"target_bucket_rows": cfg.target_bucket_rows}
-    done = _done_before(out_dir / MANIFEST, inputs, settings, metrics)
+    made_from = {
+        "inputs": [describe(p, "reviews") for p in reviews] + [describe(metadata, "metadata")],
+        # What changes the output besides the files (data.* names the files themselves).
+        "settings": {"ingest.target_bucket_rows": cfg.target_bucket_rows,
+                     "ingest.future_tolerance_days": cfg.future_tolerance_days},
+    }
+    done = _done_before(out_dir / MANIFEST, made_from, metrics)
     if done is not None:
         return done
     _remove_temporaries(out_dir)
@@ -128,20 +135,19 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
         shutil.rmtree(spill_dir, ignore_errors=True)
 
     manifest = _manifest(read, buckets, len(products), missing, time.perf_counter() - start)
-    manifest.update(inputs=inputs, settings=settings)
+    manifest.update(made_from=made_from, fingerprint=fingerprint(made_from))
     write_json(out_dir / MANIFEST, manifest)
     _report(manifest, quarantine, metadata, metrics)
     return manifest
 
 
-def _done_before(manifest_path: Path, inputs: list[dict[str, Any]], settings: dict[str, Any],
+def _done_before(manifest_path: Path, made_from: dict[str, Any],
                  metrics: MetricsWriter | None) -> dict[str, Any] | None:
     """The manifest of an earlier ingest of the same inputs and settings, marked skipped; else
-    None, and a manifest that no longer matches is removed so the old output cannot look
-    complete."""
-    old = already_done(manifest_path, {"inputs": inputs, "settings": settings})
+    None (a manifest that no longer matches is removed, so the old output cannot look
+    complete)."""
+    old = already_done(manifest_path, made_from, what="ingest")
     if old is None:
-        manifest_path.unlink(missing_ok=True)
         return None
     log.info("ingest already done for these inputs (%s); skipping", manifest_path)
     old["skipped"] = True

@@ -3,6 +3,7 @@ are configured. Errors here name the file and say how to fix it."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import zlib
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ from hpcpipe.config import DataConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import write_json
 from hpcpipe.run.layout import RunLayout
+from hpcpipe.run.provenance import fingerprint
 from hpcpipe.steps.done import already_done
 
 log = logging.getLogger(__name__)
@@ -38,16 +40,18 @@ def configured_inputs(layout: RunLayout, cfg: RunConfig) -> tuple[list[Path], Pa
 def synthesize_once(raw_dir: Path, data: DataConfig) -> dict[str, Any]:
     """Synthetic input in ``raw_dir`` for ``data`` (synth_reviews, synth_products, seed), made once.
 
-    A marker ``raw_dir/synth.json`` (written after both files) records what was made; if it
-    matches and the files exist, they are reused. Returns the dict of ``synth.write_synthetic``.
+    A record ``raw_dir/synth.json`` (written after both files) says what was made from what
+    request, with its fingerprint; if the request is the same and the files exist, they are
+    reused. Returns the dict of ``synth.write_synthetic`` plus ``made_from`` and ``fingerprint``.
     """
     from hpcpipe.steps import synth
 
     raw_dir = Path(raw_dir)
     marker = raw_dir / "synth.json"
-    want = {"n_reviews": data.synth_reviews, "n_products": data.synth_products,
-            "seed": data.seed, "format": "jsonl.gz"}
-    done = already_done(marker, {"request": want}, files=("reviews", "metadata"))
+    made_from = {"request": {"n_reviews": data.synth_reviews, "n_products": data.synth_products,
+                             "seed": data.seed, "format": "jsonl.gz"}}
+    done = already_done(marker, made_from, files=("reviews", "metadata"),
+                        what="the synthetic input")
     if done is not None:
         log.info("reusing synthetic input in %s (%d reviews, seed %d)", raw_dir,
                  data.synth_reviews, data.seed)
@@ -56,7 +60,7 @@ def synthesize_once(raw_dir: Path, data: DataConfig) -> dict[str, Any]:
              data.synth_reviews, data.seed, raw_dir)
     made = synth.write_synthetic(raw_dir, data.synth_reviews, seed=data.seed,
                                  n_products=data.synth_products, fmt="jsonl.gz")
-    made["request"] = want
+    made.update(made_from=made_from, fingerprint=fingerprint(made_from))
     write_json(marker, made)
     return made
 
@@ -98,11 +102,26 @@ def _check_input_path(path: Path) -> None:
     file_kind(path)
 
 
+#: Bytes hashed at each end of an input file: a file replaced by one of the same size and time
+#: (``cp -p``, ``rsync -a`` of a regenerated file) is still seen as changed, for two small reads.
+SAMPLE_BYTES = 64 << 10
+
+
 def describe(path: Path, role: str) -> dict[str, Any]:
-    """What the manifest records of an input, so that a changed file means "not done"."""
-    st = path.stat()
+    """What ingest records of an input file, so that a changed file means "not done"."""
+    digest = hashlib.sha256()
+    try:
+        st = path.stat()
+        with open(path, "rb") as f:
+            digest.update(f.read(SAMPLE_BYTES))
+            if st.st_size > SAMPLE_BYTES:
+                f.seek(max(SAMPLE_BYTES, st.st_size - SAMPLE_BYTES))
+                digest.update(f.read(SAMPLE_BYTES))
+    except OSError as exc:
+        raise InputError(f"{path} cannot be read ({exc.strerror}); check that the file and its "
+                         "folder are readable by you") from None
     return {"role": role, "path": str(path.resolve()), "bytes": st.st_size,
-            "mtime_ns": st.st_mtime_ns}
+            "mtime_ns": st.st_mtime_ns, "sample": digest.hexdigest()[:16]}
 
 
 def truncated(path: Path, exc: BaseException) -> InputError:
