@@ -334,7 +334,8 @@ def cancel(run_or_step: str | None, step: str | None, runs_dir: Path) -> None:
 @click.argument("step", type=click.Choice(STEP_NAMES))
 @click.argument("run", required=False)
 @click.option("--downstream/--no-downstream", default=True, show_default=True,
-              help="Also resubmit the later steps that had not completed, behind the new job.")
+              help="Also resubmit the later steps behind the new job; a completed one ends at "
+                   "once if its input did not change, and recomputes if the rerun changed it.")
 @click.option("--cancel-first", is_flag=True, help="Cancel the step's job if it is still running.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Change a config key for this and later submissions of the run. Checked "

@@ -2,7 +2,9 @@
 and `hpcpipe status` says which steps are out of date (issue #11, class 3).
 
 The end-to-end case is the one a user met: `rerun ingest --set data.reviews=[other file]`, then
-`rerun features`, which used to say "already complete" and keep the old data's features.
+`rerun features`, which used to say "already complete" and keep the old data's features. Since
+then `rerun ingest` also resubmits the completed steps after it (they end at once if their input
+did not change); with --no-downstream the stale features stay, and status says so.
 """
 
 from __future__ import annotations
@@ -48,13 +50,14 @@ def test_rerun_ingest_on_other_data_makes_features_out_of_date_and_rerun_recompu
        timeout=300)
     run_dir = next((work / "runs").iterdir())
     assert "out of date" not in hp(work, "status").stdout
+    on_first = _features(run_dir)
 
     ingest_job = steps(work)["ingest"]["job_id"]
-    hp(work, "rerun", "ingest", *other)
+    # --no-downstream: features is left as it was, on the first data, and status says so
+    hp(work, "rerun", "ingest", "--no-downstream", *other)
     wait_for(work, _completed("ingest", ingest_job), 240, "the ingest rerun")
     manifest = json.loads((run_dir / "ingest" / "manifest.json").read_text())
     assert manifest["rows_in"] == 4000
-    # features still holds the first data's output: status says so, before anything reruns
     table = hp(work, "status").stdout
     row = steps(work)["features"]
     features_job = row["job_id"]
@@ -72,6 +75,16 @@ def test_rerun_ingest_on_other_data_makes_features_out_of_date_and_rerun_recompu
     assert row["out_of_date"] == "out of date: ingest ran again since", row
     assert "out of date: ingest ran again since" in table, table
     assert "out of date" not in after, after
+
+    # The default (--downstream): back to the first data, and features follows by itself.
+    ingest_job, features_job = steps(work)["ingest"]["job_id"], steps(work)["features"]["job_id"]
+    out = hp(work, "rerun", "ingest", *first).stdout
+    assert "features: COMPLETED before" in out and "resubmitted behind ingest" in out, out
+    wait_for(work, _completed("features", features_job), 240, "features behind the rerun")
+    redone = json.loads((run_dir / "ingest" / "manifest.json").read_text())
+    assert redone["rows_in"] == 3000
+    pd.testing.assert_frame_equal(_features(run_dir), on_first)
+    assert "out of date" not in hp(work, "status").stdout
 
 
 def test_synthetic_input_is_made_again_when_its_request_changes(tmp_path: Path, caplog) -> None:

@@ -211,13 +211,15 @@ def _upstream_dependencies(run: Run, step: str) -> list[str]:
 
 
 def _downstream_to_redo(run: Run, step: str, echo: Echo) -> list[str]:
-    todo = []
-    for d in downstream_of(run, step):
+    """The steps after ``step``: all of them, completed ones too. Each checks what its output was
+    computed from: one whose input did not change ends at once ("already complete"), one whose
+    input the rerun changed recomputes instead of keeping a stale result."""
+    todo = downstream_of(run, step)
+    for d in todo:
         rec = run.current(d)
         if rec is not None and rec.completed:
-            echo(f"{d}: already COMPLETED (job {rec.job_id}), not resubmitted")
-            continue
-        todo.append(d)
+            echo(f"{d}: COMPLETED before (job {rec.job_id}); resubmitted behind {step} to check "
+                 "its input (it ends at once if that did not change)")
     return todo
 
 

@@ -18,6 +18,7 @@ from hpcpipe.config import load_config
 from hpcpipe.errors import ConfigError
 from hpcpipe.run.folder import Run
 from hpcpipe.run.metrics import read_metrics
+from hpcpipe.run.provenance import RECORDS, out_of_date
 from hpcpipe.run.record import JobRecord
 from hpcpipe.scheduler import get_backend
 from hpcpipe.users import user_name
@@ -152,6 +153,14 @@ def diagnose(run: Run) -> list[Diagnosis]:
         d = diagnose_step(run, step)
         if d is not None:
             out.append(d)
+    for step, why in out_of_date(run.layout).items():
+        rec = run.current(step)
+        if rec is None or rec.active or not why.startswith("out of date"):
+            continue
+        out.append(Diagnosis(step, f"out of date ({why.removeprefix('out of date: ')})",
+                             f"{RECORDS[step][0]}: {why}",
+                             f"`hpcpipe rerun {step} {run.run_id}` recomputes it from the "
+                             "current input"))
     never = [s for s in run.state.planned if s not in run.state.steps]
     if never:
         out.append(_never_submitted(run, never))
