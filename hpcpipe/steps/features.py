@@ -1,18 +1,7 @@
 """Weekly features per product, computed bucket by bucket on a Dask cluster.
 
-Input is the ingest output (``ingest/reviews/bucket=NNNNN/part-0.parquet``, every product in one
-bucket, rows sorted by parent_asin and timestamp). For every (parent_asin, week) with at least one
-review the step writes one row to ``features/bucket=NNNNN/part-0.parquet`` (see docs/contracts.md):
-
-- week: the Monday 00:00 UTC that starts the ISO week of the review's timestamp;
-- n_reviews, mean_rating, rating_std (sample, null when n_reviews = 1), share_5, share_1,
-  helpful_votes (sum), verified_share, mean_text_chars (null text counts as 0 characters);
-- lag_1, lag_2, lag_4: n_reviews of the same product 1, 2, 4 calendar weeks earlier (0 if none);
-- roll_mean_4, roll_mean_12: sum of n_reviews over the trailing 4 / 12 calendar weeks including the
-  current one, divided by 4 / 12 (weeks without reviews count as 0);
-- roll_rating_12: sum of ratings / number of reviews over the trailing 12 calendar weeks;
-- weeks_since_first, cum_reviews (up to and including this week);
-- target_next_n: n_reviews in the following week (0 if none), null in the data set's last week.
+Input is the ingest output, output one row per (parent_asin, week) with at least one review in
+``features/bucket=NNNNN/part-0.parquet``; docs/contracts.md defines every column and window.
 
 Windows are calendar weeks, never rows. The per-bucket kernel (``compute_bucket``) works on sorted
 numpy arrays: one pass of ``np.add.reduceat`` for the weekly aggregates over a (product, week) key,
