@@ -23,7 +23,6 @@ import pytest
 from hpcpipe.scheduler.states import ENDED_STATES
 
 TESTBED = Path(__file__).parent / "slurm" / "testbed.sh"
-DEFAULT_TESTBED_DIR = "/var/tmp/hpcpipe-slurm"
 
 
 # "Key=value Key=value" where a value may contain spaces (Command=, WorkDir=, Reason=...).
@@ -149,7 +148,8 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             "`sudo bash tests/slurm/testbed.sh start` and run with CI=true"
         )
     # In CI as a normal user (e.g. GitHub's runner) the script runs through passwordless sudo.
-    sudo = [] if is_root else ["sudo", "-n", "--preserve-env=HPCPIPE_TESTBED_DIR"]
+    sudo = [] if is_root else ["sudo", "-n",
+                                "--preserve-env=HPCPIPE_TESTBED_DIR,HPCPIPE_SLURM_VERSION"]
     if sudo and shutil.which("sudo") is None:
         pytest.fail("CI=true as a normal user, but there is no sudo to start the cluster")
     proc = subprocess.run([*sudo, "bash", str(TESTBED), "start"], capture_output=True, text=True)
@@ -159,13 +159,29 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
             f"{proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
             pytrace=False,
         )
-    state_dir = Path(os.environ.get("HPCPIPE_TESTBED_DIR", DEFAULT_TESTBED_DIR)).resolve()
-    cluster = SlurmCluster(conf=state_dir / "slurm.conf", state_dir=state_dir)
+    # The cluster's client environment (SLURM_CONF, and for 25.11 its binaries first on PATH),
+    # as HPCPIPE_SLURM_VERSION selects it: every command the tests run gets it.
+    env = _testbed_env(sudo)
+    conf = Path(env["SLURM_CONF"]).resolve()
+    cluster = SlurmCluster(conf=conf, state_dir=conf.parent)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SLURM_CONF", str(cluster.conf))
+        for key, value in env.items():
+            mp.setenv(key, value)
         yield cluster
         if os.environ.get("HPCPIPE_TESTBED_STOP") == "1":
             subprocess.run([*sudo, "bash", str(TESTBED), "stop"], check=False)
+
+
+def _testbed_env(sudo: list[str]) -> dict[str, str]:
+    """``testbed.sh env`` (lines ``export KEY=VALUE``, $PATH expanded) as a dict."""
+    out = subprocess.run([*sudo, "bash", str(TESTBED), "env"], capture_output=True, text=True,
+                         check=True).stdout
+    env = {}
+    for line in out.splitlines():
+        key, _, value = line.removeprefix("export ").partition("=")
+        if key:
+            env[key] = value.replace("$PATH", os.environ.get("PATH", ""))
+    return env
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -19,7 +19,7 @@ rm -rf "$W" && mkdir -p "$W" "$OUT"
 chmod 755 "$W"
 cd "$W" || exit 1
 CHECKS=$OUT/checks.txt
-: >"$CHECKS"
+echo "# behaviour checks by tests/slurm/record-fixtures.sh (and extra-checks.sh): what a job saw" >"$CHECKS"
 
 SQ="squeue -h --states=all -O 'JobID:|,State:|,Reason:|,TimeUsed:|,TimeLimit:|,NodeList:|,Restartcnt:|,SubmitTime:|,StartTime:|,Dependency:|'"
 SA="sacct -n -P -D -o JobID,State,ExitCode,Elapsed,Timelimit,NodeList,Submit,Start,End,Reason,AllocCPUS,TotalCPU,MaxRSS,ReqMem"
@@ -96,6 +96,7 @@ trap 'scancel "${MINE[@]}" 2>/dev/null' EXIT
 
 # State timeline of a plain short job (does it pass through COMPLETING?).
 (
+    echo "# squeue -h --states=all -j $J_OK -o %T, polled every 0.1 s (sbatch --time=5 --wrap 'echo hello; sleep 3')"
     prev=
     for ((i = 0; i < 150; i++)); do
         s=$(state "$J_OK")
@@ -173,7 +174,7 @@ rec sacct_dependency_never_cancelled "$SA -j $J_DEPNEVER"
 # ---- behaviour checks (also kept in checks.txt)
 check "version: $(sinfo --version)"
 check "2-node job $J_2N: $(state "$J_2N"); output: $(sort "$W"/twonode-*.out | uniq -c | tr -s ' \n' ' ')"
-check "short job state timeline: $(tr '\n' ';' <"$OUT/timeline_short_job.txt")"
+check "short job state timeline: $(grep -v '^#' "$OUT/timeline_short_job.txt" | tr '\n' ';')"
 check "cpus-per-task=4 job: $(tr '\n' ';' <"$W"/cpt-*.out); step AllocCPUS: $(sacct -n -P -j "$J_CPT.0" -o AllocCPUS)"
 check "--gres=gpu:1: $(tr '\n' ';' <"$W"/gres-*.out)"
 check "--gpus-per-node=2 x 2 nodes: $(tr '\n' ';' <"$W"/gpn-*.out)"
