@@ -109,6 +109,11 @@ def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
         if "Invalid job id" in exc.stderr:
             return {}
         raise
+    return parse_squeue(out)
+
+
+def parse_squeue(out: str) -> dict[str, JobInfo]:
+    """Parse ``squeue -h -O <_SQUEUE_FIELDS, each :|>`` output (the same in 22.05 and 25.11)."""
     jobs: dict[str, JobInfo] = {}
     for line in out.splitlines():
         parts = [p.strip() for p in line.split("|")]
@@ -296,7 +301,11 @@ class NodeInfo:
 
 def nodes() -> tuple[list[NodeInfo], str | None]:
     """All nodes with their partitions, CPUs, memory and GPU count; and the default partition."""
-    out = call(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%T"])
+    return parse_sinfo(call(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%T"]))
+
+
+def parse_sinfo(out: str) -> tuple[list[NodeInfo], str | None]:
+    """Parse ``sinfo -h -N -o "%N|%P|%c|%m|%G|%T"``: one line per node and partition."""
     by_name: dict[str, NodeInfo] = {}
     default = None
     for line in out.splitlines():
