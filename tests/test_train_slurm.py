@@ -11,6 +11,10 @@
   and warns up to 60 s early), until one start finishes the run; the result equals the
   uninterrupted run's.
 
+The loader runs with worker processes on (configs/local.yaml's 1; default.yaml's 4 exceed the
+test cluster's 3G per job: Slurm sums each forked worker's resident memory), so scancel's SIGTERM
+reaches the workers too, as on a real cluster.
+
 Every run trains on the same synthetic data with the same seed, global batch and schedule, so the
 1-rank run is the uninterrupted reference of all three tests. The encoder is a tiny random BERT
 with MiniLM's tokenizer, frozen: what is under test is DDP, checkpoints and signals, not the text
@@ -42,7 +46,7 @@ TRAIN = [
     "--set", "data.synth_reviews=20000", "--set", "ingest.target_bucket_rows=6000",
     "--set", "ingest.mem=2G", "--set", "features.mem=4G", "--set", "train.mem=3G",
     "--set", "train.cpus_per_gpu=1", "--set", "train.precision=fp32",
-    "--set", "train.num_workers=0", "--set", "train.freeze_encoder=true",
+    "--set", "train.num_workers=1", "--set", "train.freeze_encoder=true",
     "--set", "train.max_length=16", "--set", "train.val_weeks=4",
     "--set", f"train.epochs={EPOCHS}", "--set", f"train.max_steps_per_epoch={STEPS_PER_EPOCH}",
     "--set", "train.log_every=10", "--set", "train.checkpoint_every=20",

@@ -14,6 +14,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcpipe.steps.train.stop import SIGNALS, StopReason, StopSignals
@@ -25,13 +26,16 @@ if TYPE_CHECKING:  # jobs/train.py imports this package before it may import any
     from hpcpipe.runtime.env import JobEnvironment
     from hpcpipe.steps.train.recipe import TrainRecipe
 
-__all__ = ["EXIT_CODES", "StopReason", "run", "run_job"]
+__all__ = ["CHECKPOINTS", "EXIT_CODES", "StopReason", "run", "run_job", "set_checkpoints_aside"]
 
 log = logging.getLogger(__name__)
 
 #: Exit code of a job stopped by a signal and not requeued: 128 + the signal number, as a shell
 #: reports a process the signal killed (SIGUSR2 is 12 and SIGTERM 15 on Linux).
 EXIT_CODES = {StopReason.WARNED: 128 + 12, StopReason.TERMINATED: 128 + 15}
+
+#: The folder of ``last.pt`` and ``best.pt`` under the run's ``train/``.
+CHECKPOINTS = "checkpoints"
 
 #: Seconds the ranks wait for Slurm to end them after a requeue was accepted. Exiting at once
 #: would let the batch script finish first and the job could be seen as COMPLETED.
@@ -70,6 +74,23 @@ def run_job(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
                 return 0
         _log_stopped(recipe, reason)
         return EXIT_CODES[reason]
+
+
+def set_checkpoints_aside(train_dir: Path) -> Path | None:
+    """Move ``train/checkpoints`` to ``train/checkpoints.<time>`` so that the next start of
+    the step trains from scratch (``hpcpipe rerun train --fresh``); return the new folder, or
+    None when there was nothing to move. Nothing is deleted. Cheap: no torch."""
+    folder = Path(train_dir) / CHECKPOINTS
+    if not folder.is_dir():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder.with_name(f"{CHECKPOINTS}.{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{CHECKPOINTS}.{stamp}-{n}")
+    folder.rename(aside)
+    return aside
 
 
 def _train(recipe: TrainRecipe) -> StopReason:

@@ -6,6 +6,13 @@ sampler position, every rank's RNG states, the sums of the metrics log interval 
 the normalisation statistics and the resolved config.
 ``best.pt`` holds the model with the best validation SMAPE so far, plus what prediction needs.
 A crash while writing leaves the previous file intact; stale temporaries are ignored.
+
+Both hold only tensors and plain data (dicts, lists, tuples, numbers, strings): numpy's RNG
+state is stored as plain numbers. So they load with ``torch.load(weights_only=True)``, which
+cannot run code: a tampered file that carries a pickled object is refused, not executed.
+``last.pt`` also records what it was computed from (``computed_from``: a fingerprint of the
+feature data and the training settings that shape the result); the recipe refuses to continue
+from a checkpoint whose record differs from the run's (see ``recipe.py``).
 """
 
 from __future__ import annotations
@@ -18,15 +25,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp
+from hpcpipe.steps.train import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+#: 2: loadable with weights_only=True (numpy RNG state as plain numbers), ``computed_from``.
+FORMAT_VERSION = 2
 
 
 def checkpoint_dir(train_dir: Path) -> Path:
-    return Path(train_dir) / "checkpoints"
+    return Path(train_dir) / CHECKPOINTS
 
 
 def last_path(train_dir: Path) -> Path:
@@ -38,8 +48,11 @@ def best_path(train_dir: Path) -> Path:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's random number generator states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    """This process's random number generator states, as tensors and plain data."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = [str(name), torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos),
+                   int(has_gauss), float(cached)]
+    state = {"python": random.getstate(), "numpy": numpy_state,
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -47,8 +60,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -68,11 +83,32 @@ def save(path: Path, state: dict[str, Any]) -> Path:
 
 
 def load(path: Path) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` on CPU, or None when there is none."""
+    """The checkpoint at ``path`` on CPU, or None when there is none.
+
+    Loaded with ``weights_only=True``: tensors and plain data only, so a file that would run
+    code when unpickled is refused with :class:`InputError` and its code never runs.
+    """
+    import pickle
+
     path = Path(path)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise InputError(
+            f"{path}: refused to load: it holds objects other than tensors and plain data "
+            f"({str(exc).splitlines()[0][:200]}). hpcpipe never writes such a checkpoint: it "
+            "was tampered with, or written by an older hpcpipe. Loading it could run code, so "
+            "it is not loaded; move it away and train again "
+            "(`hpcpipe rerun train --fresh` moves the checkpoints aside)") from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise InputError(f"{path}: not a readable checkpoint ({exc}); move it away and train "
+                         "again (`hpcpipe rerun train --fresh`)") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: not an hpcpipe checkpoint (a {type(state).__name__}, not a "
+                         "dict); move it away and train again (`hpcpipe rerun train --fresh`)")
+    return state
 
 
 def remove_stale_temporaries(train_dir: Path) -> int:

@@ -114,13 +114,18 @@ def all_gather_object(env: DistEnv, obj: Any) -> list[Any]:
     return out
 
 
-def agreed_stop(env: DistEnv, signals: StopSignals) -> StopReason | None:
-    """Why to stop now, as seen by any rank (None: go on); every rank calls this at the same point.
+def agreed_stop(env: DistEnv, signals: StopSignals,
+                diverged: bool = False) -> tuple[StopReason | None, bool]:
+    """(why to stop now, whether some rank diverged), as seen by any rank; every rank calls this
+    at the same point. (None, False): go on.
 
-    The flags are set by signal handlers at any moment; agreeing on them at a step boundary makes
-    every rank stop after the same step, so the checkpoint is one consistent state.
+    The flags are set by signal handlers at any moment, and a non-finite loss is seen by one
+    rank; agreeing on them at a step boundary in one all-reduce makes every rank stop (or fail)
+    after the same step, so the checkpoint is one consistent state and no rank is left waiting
+    in a collective.
     """
-    usr2, term = all_reduce_max(env, [float(signals.usr2), float(signals.term)])
+    usr2, term, bad = all_reduce_max(env, [float(signals.usr2), float(signals.term),
+                                           float(diverged)])
     if usr2 > 0:
-        return StopReason.WARNED
-    return StopReason.TERMINATED if term > 0 else None
+        return StopReason.WARNED, bad > 0
+    return (StopReason.TERMINATED if term > 0 else None), bad > 0

@@ -1,12 +1,21 @@
 """Scores and predictions: SMAPE/MAE against the naive baselines, and ``predictions.parquet``.
 
-``predict(layout, cfg)`` loads ``train/checkpoints/best.pt`` of a finished run and writes the
-forecast of next week's reviews for the latest week of every product (what ``hpcpipe predict RUN``
-calls); the train step does the same at its end.
+``predict(layout, cfg)`` loads ``train/checkpoints/best.pt`` of a finished run and writes
+``predictions.parquet`` (what ``hpcpipe predict RUN`` calls); the train step does the same at its
+end.
+
+What the predictions are for: the week after the data's last week (``forecast_week``), for every
+product with a feature row in that last week (``week``, the week the forecast is based on). The
+model forecasts a product's next week from a week with reviews, so a product without reviews in
+the data's last week has no features to forecast that week from and is left out; forecasting it
+"next week" from its own last row would be a forecast for a week long past. The file's schema
+metadata (key ``hpcpipe``, JSON) says the same: forecast_week, based_on_week, how many products
+were forecast and how many left out, and why.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -26,23 +35,27 @@ from hpcpipe.steps.train.model import (
     build_model,
     model_inputs,
 )
+from hpcpipe.steps.train.stop import DivergedError
 
 log = logging.getLogger(__name__)
 
 
 def smape_terms(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per-row 2|p-y|/(|p|+|y|), defined as 0 where both are 0."""
+    """Per-row 2|p-y|/(|p|+|y|), defined as 0 where both are 0, and NaN where either is not a
+    finite number: a NaN forecast has no score, and must never pass for a perfect one."""
     pred = np.asarray(pred, dtype=np.float64)
     true = np.asarray(true, dtype=np.float64)
     denom = np.abs(pred) + np.abs(true)
     out = np.zeros_like(denom)
     nz = denom > 0
     out[nz] = 2.0 * np.abs(pred[nz] - true[nz]) / denom[nz]
+    out[~(np.isfinite(pred) & np.isfinite(true))] = np.nan
     return out
 
 
 def smape(pred: np.ndarray, true: np.ndarray) -> float:
-    """Mean symmetric absolute percentage error on counts (0 for an empty input)."""
+    """Mean symmetric absolute percentage error on counts (0 for an empty input; NaN when any
+    forecast or value is not finite)."""
     terms = smape_terms(pred, true)
     return float(terms.mean()) if len(terms) else 0.0
 
@@ -92,28 +105,40 @@ def predict_log(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
     return np.concatenate(rows), np.concatenate(preds)
 
 
-def latest_rows(rows: data.Rows) -> np.ndarray:
-    """Index of each product's latest week among the feature rows."""
-    order = np.lexsort((rows.week, rows.product))
-    prod = rows.product[order]
-    last = np.ones(len(order), dtype=bool)
-    last[:-1] = prod[1:] != prod[:-1]
-    return order[last]
+def forecast_rows(rows: data.Rows) -> np.ndarray:
+    """Index of the rows of the data's last week: one per product with reviews that week."""
+    return np.flatnonzero(rows.week == rows.week.max())
 
 
 def write_predictions(path: Path, rows: data.Rows, index: np.ndarray,
                       counts: np.ndarray) -> Path:
-    """``predictions.parquet``: parent_asin, week, predicted_next_n (temporary name + rename)."""
+    """``predictions.parquet`` (temporary name + rename): parent_asin, week (the week the
+    forecast is based on), forecast_week (the week forecast: the next one), predicted_next_n;
+    the schema metadata ``hpcpipe`` says which weeks and which products (module doc)."""
     import pyarrow as pa  # type: ignore[import-untyped]
     import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
     order = np.argsort(rows.products[rows.product[index]], kind="stable")
     index, counts = index[order], np.asarray(counts, dtype=np.float64)[order]
+    based_on = rows.week.max()
+    forecast_week = based_on + np.timedelta64(7, "D")
     table = pa.table({
         "parent_asin": pa.array(rows.products[rows.product[index]].tolist(), pa.string()),
         "week": pa.array(rows.week[index], pa.date32()),
+        "forecast_week": pa.array(rows.week[index] + np.timedelta64(7, "D"), pa.date32()),
         "predicted_next_n": pa.array(counts, pa.float64()),
     })
+    products = len(np.unique(rows.product))
+    meta = {
+        "forecast_week": str(forecast_week), "based_on_week": str(based_on),
+        "predicted": "reviews in forecast_week (Monday to Sunday), a whole count",
+        "products_in_data": products, "products_forecast": len(index),
+        "products_left_out": products - len(index),
+        "note": f"products with no reviews in {based_on} (the data's last week) have no "
+                "features for it and are left out; the model forecasts the week after a week "
+                "with reviews",
+    }
+    table = table.replace_schema_metadata({"hpcpipe": json.dumps(meta)})
     with atomic_path(Path(path)) as tmp:
         pq.write_table(table, tmp)
     return Path(path)
@@ -133,20 +158,31 @@ def load_best(train_dir: Path, device: torch.device) -> tuple[Forecaster, dict[s
 
 def predict_latest(layout: RunLayout, rows: data.Rows, model: Forecaster, state: dict[str, Any],
                    device: torch.device, precision: str, batch_size: int = 1024) -> Path:
-    """Forecast for the latest week of every product with ``model``; write predictions.parquet."""
+    """Forecast the week after the data's last week for every product with reviews in that
+    week (module doc) with ``model``; write predictions.parquet."""
     norm = data.Normalizer.from_dict(state["norm"])
     folder = Path(state["model_dir"])
     tokens = data.token_cache(layout.train, folder, rows, state["max_length"], True, lambda: None)
     if state["freeze_encoder"]:
         model.set_text_table(data.product_embeddings(layout.train, folder, tokens, model,
                                                      device, True, lambda: None))
-    index = latest_rows(rows)
+    index = forecast_rows(rows)
     ds = data.ForecastDataset(index, norm.transform(rows.numeric), rows.target, rows.product,
                               None if state["freeze_encoder"] else tokens, with_rows=True)
     loader = data.eval_loader(ds, batch_size, 0, device.type == "cuda")
     row_ids, log_pred = predict_log(model, loader, device, autocast_dtype(device, precision))
+    bad = int((~np.isfinite(log_pred)).sum())
+    if bad:
+        raise DivergedError(
+            f"{checkpoint.best_path(layout.train)} forecasts a number that is not finite for "
+            f"{bad} of {len(log_pred)} products; its weights are not usable. Train again from "
+            "scratch with a lower train.lr (or train.precision=fp32, a smaller "
+            "train.grad_clip): `hpcpipe rerun train --fresh --set train.lr=...`")
     out = write_predictions(layout.predictions, rows, row_ids, to_counts(log_pred))
-    log.info("wrote forecasts for %d products to %s", len(row_ids), out)
+    week = rows.week.max()
+    log.info("wrote forecasts of week %s (from week %s) for %d products to %s; %d products "
+             "had no reviews in %s and are left out", week + np.timedelta64(7, "D"), week,
+             len(row_ids), out, len(np.unique(rows.product)) - len(row_ids), week)
     return out
 
 

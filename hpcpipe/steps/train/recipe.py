@@ -11,6 +11,12 @@ world size, and with dropout off (see model.py) a 4-rank run follows the 1-rank 
 ``train()`` returns why it stopped (:class:`~hpcpipe.steps.train.stop.StopReason`) with the
 checkpoint saved; what a stop means for the job (exit code, requeue) is the job entry's to decide
 (``hpcpipe.steps.train.run_job``).
+
+A loss, gradient norm or validation score that is not a finite number is a failure, never a
+score: every rank raises :class:`~hpcpipe.steps.train.stop.DivergedError` after the same step,
+saying where and what to try, and no checkpoint of diverged weights is written. A checkpoint
+computed from other feature data or settings is not continued
+(:class:`~hpcpipe.steps.train.stop.CheckpointMismatchError`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import contextlib
 import inspect
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,11 +54,17 @@ from hpcpipe.steps.train.model import (
     autocast_dtype,
     build_model,
     count_params,
+    encoder_fingerprint,
     model_dir,
     model_inputs,
     param_groups,
 )
-from hpcpipe.steps.train.stop import StopReason, StopSignals
+from hpcpipe.steps.train.stop import (
+    CheckpointMismatchError,
+    DivergedError,
+    StopReason,
+    StopSignals,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +107,8 @@ class Interval:
         loss_sum, samples, tokens, data_wait, seconds = saved
         return cls(loss_sum, int(samples), int(tokens), data_wait, time.perf_counter() - seconds)
 
-    def add(self, loss: torch.Tensor, samples: int, tokens: int) -> None:
-        self.loss_sum += loss.item() * samples
+    def add(self, loss: float, samples: int, tokens: int) -> None:
+        self.loss_sum += loss * samples
         self.samples += samples
         self.tokens += tokens
 
@@ -151,6 +164,8 @@ class TrainRecipe:
         self.samples_logged, self.seconds_logged = 0.0, 0.0
         self.step_delay_s = faulthooks.delay_s(faulthooks.STEP_DELAY_ENV)
         self.summary: dict[str, Any] | None = None
+        self.nonfinite: str | None = None  # what was not finite in the step just taken
+        self.batches: Iterator[data.Batch] = iter(())
 
     @property
     def main(self) -> bool:
@@ -182,6 +197,7 @@ class TrainRecipe:
     def _setup_data(self) -> None:
         t, world = self.t, self.world
         self.rows = rows = data.load_rows(self.layout)
+        self.features_fingerprint = data.rows_fingerprint(rows)
         self.split = split = data.split_by_time(rows, t.val_weeks, t.train_weeks)
         self.norm = data.Normalizer.fit(rows.numeric[split.train])
         if self.main:
@@ -252,6 +268,7 @@ class TrainRecipe:
         self.barrier()
         state = checkpoint.load(checkpoint.last_path(self.layout.train))
         if state is not None:
+            self._check_computed_from(state.get("computed_from"))
             self._update_recipe_state(state)
 
     def _update_recipe_state(self, state: dict[str, Any]) -> None:
@@ -261,11 +278,6 @@ class TrainRecipe:
         self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
-        saved_batch = state["sampler"]["global_batch"]
-        if saved_batch != self.global_batch and self.main:
-            log.warning("global batch changed from %d to %d since the checkpoint; the rest of "
-                        "epoch %d is not the same sample order", saved_batch, self.global_batch,
-                        self.epoch)
         if len(state["rng"]) == self.world.world_size:
             checkpoint.set_rng_state(state["rng"][self.world.rank])
         if self.step_in_epoch and state.get("log_interval"):
@@ -276,8 +288,70 @@ class TrainRecipe:
                      checkpoint.last_path(self.layout.train), self.epoch, self.step_in_epoch,
                      self.steps_per_epoch)
 
+    def computed_from(self) -> dict[str, Any]:
+        """What the training state is computed from: the feature data (a hash of the rows as
+        read) and every setting that shapes the result. Settings that do not (time limit,
+        memory, workers, logging, checkpoint interval, how the global batch is split over GPUs
+        and accumulation) are left out, so a requeue or ``rerun --set train.time=...``
+        continues."""
+        t = self.t
+        return {"features": self.features_fingerprint, "train": {
+            "model": encoder_fingerprint(self.folder), "freeze_encoder": t.freeze_encoder,
+            "max_length": t.max_length, "global_batch": self.global_batch, "epochs": t.epochs,
+            "max_steps_per_epoch": t.max_steps_per_epoch, "lr": t.lr, "encoder_lr": t.encoder_lr,
+            "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
+            "grad_clip": t.grad_clip, "precision": t.precision, "val_weeks": t.val_weeks,
+            "train_weeks": t.train_weeks, "seed": t.seed}}
+
+    def _check_computed_from(self, saved: dict[str, Any] | None) -> None:
+        """Refuse to continue a checkpoint of other data or settings, saying what changed."""
+        now = self.computed_from()
+        if saved == now:
+            return
+        where = checkpoint.last_path(self.layout.train)
+        if saved is None:
+            changes = ["it does not record what it was computed from"]
+        else:
+            changes = []
+            if saved.get("features") != now["features"]:
+                changes.append("the feature data changed (features or ingest were recomputed "
+                               "from other input)")
+            old = saved.get("train", {})
+            for key, value in now["train"].items():
+                if old.get(key) != value:
+                    name = "the model folder's weights" if key == "model" else \
+                        "the global batch (batch_size x gpus x grad_accum)" \
+                        if key == "global_batch" else f"train.{key}"
+                    changes.append(f"{name} {old.get(key)} -> {value}")
+        raise CheckpointMismatchError(
+            f"{where} was computed from other data or settings than this run now has: "
+            f"{'; '.join(changes)}. Continuing from it would mix the two, so training does not "
+            "start. To train from scratch with the new data and settings: `hpcpipe rerun train "
+            "--fresh` (the old checkpoints are moved aside, not deleted); to continue the old "
+            "training, set the settings back.")
+
+    def _check_finite_weights(self, what: str) -> None:
+        """Never write diverged weights: a checkpoint of NaN weights would resume to NaN and a
+        best.pt of them would forecast NaN."""
+        bad = [name for name, p in self.model.named_parameters()
+               if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if bad:
+            raise DivergedError(
+                f"training diverged: {len(bad)} weight tensors (e.g. {bad[0]}) hold numbers that "
+                f"are not finite at epoch {self.epoch} step {self.step_in_epoch}; {what} is not "
+                f"written. {self._advice()}")
+
+    def _advice(self) -> str:
+        t = self.t
+        lrs = f"train.lr (now {t.lr})" + ("" if t.freeze_encoder else
+                                          f" and train.encoder_lr (now {t.encoder_lr})")
+        return (f"Try a lower {lrs}, train.precision=fp32 (now {t.precision}) or a smaller "
+                f"train.grad_clip (now {t.grad_clip}), and train from scratch: "
+                "`hpcpipe rerun train --fresh --set train.lr=<lower>`.")
+
     def save_checkpoint(self) -> None:
         """``last.pt``: every rank calls this (the RNG states are gathered); rank 0 writes."""
+        self._check_finite_weights("the checkpoint")
         rng = dist.all_gather_object(self.world, checkpoint.rng_state())
         log_interval = dist.all_reduce_sum(self.world, self.interval.sums())
         log_interval.append(self.interval.seconds())
@@ -294,12 +368,14 @@ class TrainRecipe:
                             "world_size": self.world.world_size},
                 "rng": rng, "log_interval": log_interval, "best": self.best,
                 "norm": self.norm.to_dict(), "config": self.cfg.to_dict(),
+                "computed_from": self.computed_from(),
             })
         self.barrier()
 
     def _save_best(self) -> None:
         """``best.pt``: the model and what prediction needs (rank 0)."""
         t = self.t
+        self._check_finite_weights("best.pt")
         checkpoint.save(checkpoint.best_path(self.layout.train), {
             "model": checkpoint.model_state(self.model, t.freeze_encoder),
             "model_dir": str(self.folder), "freeze_encoder": t.freeze_encoder,
@@ -317,16 +393,54 @@ class TrainRecipe:
                      "%d steps per epoch", f"{count_params(self.model, True):,}",
                      f"{count_params(self.model):,}", self.world.world_size, self.device,
                      self.global_batch, self.steps_per_epoch)
-        while self.epoch < self.t.epochs:
-            stop = self._train_epoch()
-            if stop is not None:
-                del self.loader  # end the loader's workers now, before Slurm signals them
+        with self._dead_workers_reported_by_the_loop():
+            while self.epoch < self.t.epochs:
+                stop = self._train_epoch()
+                if stop is not None:
+                    self._end_loader()  # end the loader's workers now, before Slurm kills them
+                    self.save_checkpoint()
+                    return stop
+                self.evaluate()
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 self.save_checkpoint()
-                return stop
-            self.evaluate()
-            self.epoch, self.step_in_epoch = self.epoch + 1, 0
-            self.save_checkpoint()
         return StopReason.DONE
+
+    @contextlib.contextmanager
+    def _dead_workers_reported_by_the_loop(self) -> Iterator[None]:
+        """While training, a loader worker's exit after a stop signal does not raise at once.
+
+        torch's SIGCHLD handler raises "DataLoader worker ... is killed by signal" wherever the
+        main thread is, half-way through an optimizer step or a checkpoint write. After a stop
+        signal, a worker's death is expected (the workers ignore the signals, but one that was
+        still starting may not yet): the handler then stays quiet, and ``next()`` on the loader
+        reports the dead worker, where :meth:`_next_batch` can tell a stop from a crash.
+        """
+        previous = signal.getsignal(signal.SIGCHLD)
+
+        def on_child_exit(signum: int, frame: Any) -> None:
+            handler = self._torch_sigchld
+            if callable(handler) and not self._stopping():
+                handler(signum, frame)
+
+        self._torch_sigchld: Any = None
+        self._on_child_exit = on_child_exit
+        try:
+            yield
+        finally:
+            if signal.getsignal(signal.SIGCHLD) is on_child_exit:
+                signal.signal(signal.SIGCHLD, self._torch_sigchld or previous)
+
+    def _guard_sigchld(self) -> None:
+        """Put :meth:`_dead_workers_reported_by_the_loop`'s handler in front of torch's, which
+        the loader installs when it first starts workers."""
+        current = signal.getsignal(signal.SIGCHLD)
+        guard = getattr(self, "_on_child_exit", None)
+        if guard is not None and current is not guard:
+            self._torch_sigchld = current
+            signal.signal(signal.SIGCHLD, guard)
+
+    def _stopping(self) -> bool:
+        return self.signals.term or self.signals.usr2
 
     def _train_epoch(self) -> StopReason | None:
         """Optimizer steps from the current position to the end of the epoch; the reason to stop
@@ -334,7 +448,8 @@ class TrainRecipe:
         t = self.t
         self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * t.grad_accum * t.batch_size)
         self.net.train()
-        batches = iter(self.loader)
+        self.batches = iter(self.loader)
+        self._guard_sigchld()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch}", disable=not self.main,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -342,13 +457,16 @@ class TrainRecipe:
         self.interval = Interval.resumed(resumed) if resumed else Interval()
         try:
             while self.step_in_epoch < self.steps_per_epoch:
-                self._train_step(batches)
+                self._train_step()
                 bar.update(1)
                 if self.step_delay_s:
-                    time.sleep(self.step_delay_s)  # a test hook (hpcpipe/runtime/faulthooks.py)
+                    time.sleep(self.step_delay_s)  # a test hook (hpcpipe/faulthooks.py)
+                stop, diverged = dist.agreed_stop(self.world, self.signals,
+                                                  self.nonfinite is not None)
+                if diverged:
+                    raise DivergedError(self._divergence_message())
                 if self.global_step % t.log_every == 0:
                     self._log_interval(bar)
-                stop = dist.agreed_stop(self.world, self.signals)
                 if stop is not None:
                     return stop
                 if (self.global_step % t.checkpoint_every == 0
@@ -358,28 +476,76 @@ class TrainRecipe:
             bar.close()
         return None
 
-    def _train_step(self, batches: Iterator[data.Batch]) -> None:
-        """One optimizer step over ``grad_accum`` micro-batches."""
+    def _train_step(self) -> None:
+        """One optimizer step over ``grad_accum`` micro-batches.
+
+        A loss that is not finite is noted in ``nonfinite`` (the ranks agree on it after the
+        step); so are gradients that are not finite, and then the optimizer does not step, so
+        the weights stay finite. (With fp16's GradScaler, non-finite gradients are its normal
+        signal to skip the step and lower the scale: only the loss is checked then.)
+        """
         t, interval = self.t, self.interval
+        self.nonfinite = None
         for micro in range(t.grad_accum):
             t0 = time.perf_counter()
-            batch = next(batches).to(self.device)
+            batch = self._next_batch(micro).to(self.device)
             interval.data_wait += time.perf_counter() - t0
             with self._gradient_sync(micro == t.grad_accum - 1):
                 with autocast(self.device, self.amp_dtype):
                     pred = self.net(*model_inputs(batch))
                 loss = loss_fn(pred, batch["target"])
                 self.scaler.scale(loss / t.grad_accum).backward()
+            value = loss.item()
+            if not math.isfinite(value) and self.nonfinite is None:
+                self.nonfinite = f"the loss is {value}"
             mask = batch.get("attention_mask")
-            interval.add(loss, len(pred), int(mask.sum()) if mask is not None else 0)
+            interval.add(value, len(pred), int(mask.sum()) if mask is not None else 0)
         self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip)
-        self.scaler.step(self.optimizer)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip))
+        if math.isfinite(norm) or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+        elif self.nonfinite is None:
+            self.nonfinite = f"the gradient norm is {norm}"
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.global_step += 1
         self.step_in_epoch += 1
+
+    def _next_batch(self, micro: int) -> data.Batch:
+        """The next micro-batch. A loader worker that died after a stop signal (one that was
+        still starting when the signal came) does not end the rank: the rest of the step reads
+        the same samples without workers, and the loop stops after it with a checkpoint."""
+        try:
+            return next(self.batches)
+        except RuntimeError as exc:
+            if "DataLoader worker" not in str(exc):
+                raise
+            deadline = time.monotonic() + 2.0  # the rank's own signal may be a moment behind
+            while not self._stopping() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not self._stopping():
+                raise
+            t = self.t
+            log.warning("a data loader worker ended after the stop signal (%s); this rank "
+                        "reads the rest of the step without workers", exc)
+            position = (self.step_in_epoch * t.grad_accum + micro) * t.batch_size
+            self.sampler.set_epoch(self.epoch, start=position)
+            dataset = self.loader.dataset
+            assert isinstance(dataset, data.ForecastDataset)
+            self.batches = iter(data.train_loader(dataset, self.sampler, t.batch_size, 0,
+                                                  self.device.type == "cuda"))
+            return next(self.batches)
+
+    def _divergence_message(self) -> str:
+        where = f"at epoch {self.epoch} step {self.step_in_epoch} (global step {self.global_step})"
+        if self.nonfinite is None:
+            what = "another rank saw a loss or gradient norm that is not finite"
+        else:
+            what = self.nonfinite + (f" on rank {self.world.rank}" if self.world.distributed
+                                     else "")
+        return (f"training diverged: {what} {where}; nothing of this step is saved (last.pt "
+                f"holds an earlier step, best.pt the best finite model). {self._advice()}")
 
     def _gradient_sync(self, last_micro_batch: bool) -> contextlib.AbstractContextManager[Any]:
         """DDP all-reduces gradients in every backward; accumulating, only the last needs it."""
@@ -412,10 +578,16 @@ class TrainRecipe:
         row_ids, log_pred = predict.predict_log(self.model, self.val_loader, self.device,
                                                 self.amp_dtype)
         counts, true = predict.to_counts(log_pred), self.rows.target[row_ids]
-        abs_err, smape_sum, n = dist.all_reduce_sum(self.world, [
+        abs_err, smape_sum, n, bad = dist.all_reduce_sum(self.world, [
             float(np.abs(counts - true).sum()), float(predict.smape_terms(counts, true).sum()),
-            float(len(true))])
+            float(len(true)), float((~np.isfinite(log_pred)).sum())])
         val_smape, val_mae = smape_sum / n, abs_err / n
+        if bad or not (math.isfinite(val_smape) and math.isfinite(val_mae)):
+            # On every rank (the sums are the job's): no score, no eval record, no best.pt.
+            raise DivergedError(
+                f"training diverged: validation forecasts are not finite at epoch {self.epoch} "
+                f"({int(bad)} of {int(n)} are NaN or infinite; val SMAPE {val_smape}, MAE "
+                f"{val_mae}): the model's weights give no usable forecast. {self._advice()}")
         improvement = 100.0 * (self.baseline_smape - val_smape) / self.baseline_smape
         if self.main:
             self.metrics.write("eval", epoch=self.epoch, val_mae=val_mae, val_smape=val_smape,
@@ -447,6 +619,15 @@ class TrainRecipe:
         self.barrier()
         return self.summary
 
+    def _end_loader(self) -> None:
+        """End the training loader's workers through the loader's own shutdown (a sentinel they
+        obey). They ignore SIGTERM, so multiprocessing's terminate-and-join at interpreter exit
+        would wait for them forever: they must be gone before the process ends."""
+        self.batches = iter(())
+        self.__dict__.pop("loader", None)
+
     def cleanup(self) -> None:
-        """Leave the process group (safe after a setup that failed half-way)."""
+        """End the loader's workers and leave the process group (safe after a setup that
+        failed half-way)."""
+        self._end_loader()
         dist.teardown()

@@ -16,6 +16,8 @@ import enum
 import signal
 from typing import Any
 
+from hpcpipe.errors import HpcpipeError
+
 
 class StopReason(enum.Enum):
     """Why training returned."""
@@ -67,3 +69,16 @@ class StopSignals:
 
 #: The process's one set of flags: installed early by jobs/train.py, read by the training loop.
 SIGNALS = StopSignals()
+
+
+class DivergedError(HpcpipeError):
+    """A loss, gradient or validation score is not a finite number: the training failed.
+
+    Raised on every rank at the same point (the ranks agree on it like on a stop signal), so the
+    job ends FAILED with the message, and no checkpoint or best model of the diverged weights is
+    written."""
+
+
+class CheckpointMismatchError(HpcpipeError):
+    """``last.pt`` was computed from other feature data or other training settings than this run
+    now has: continuing from it would silently mix the two."""
