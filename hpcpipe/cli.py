@@ -341,16 +341,30 @@ def cancel(run_or_step: str | None, step: str | None, runs_dir: Path) -> None:
               help="Change a config key for this and later submissions of the run. Checked "
                    "like submit (keys, paths, the cluster's layout) before anything is cancelled "
                    "or queued; a refused value leaves the run's config as it was.")
+@click.option("--fresh", is_flag=True,
+              help="train only: train from scratch; the old checkpoints are moved aside to "
+                   "train/checkpoints.<time>/, not deleted.")
 @runs_dir_option
 def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
-          overrides: tuple[str, ...], runs_dir: Path) -> None:
+          overrides: tuple[str, ...], fresh: bool, runs_dir: Path) -> None:
     """Resubmit STEP in RUN's folder (default: the latest run); the step resumes its work
-    (features keeps finished buckets, train continues from its last checkpoint)."""
+    (features keeps finished buckets, train continues from its last checkpoint).
+
+    train does not continue a checkpoint computed from other data or settings (features
+    recomputed from other input; another train.lr, epochs, global batch, model...): the job
+    fails saying what changed. `rerun train --fresh` then trains from scratch, the old
+    checkpoints moved aside. Settings that do not change the result (train.time, mem,
+    num_workers, gpus with the same global batch) resume.
+
+    \b
+    hpcpipe rerun train --set train.time=04:00:00     # more time: resumes
+    hpcpipe rerun train --fresh --set train.lr=3e-4   # other settings: start over
+    """
     from hpcpipe.control import pipeline
 
     r = _open_run(runs_dir, run)
     new = pipeline.rerun(r, step, downstream=downstream, cancel_first=cancel_first,
-                         overrides=list(overrides), echo=click.echo)
+                         overrides=list(overrides), echo=click.echo, fresh=fresh)
     for s, jid in new.items():
         click.echo(f"  {s:<9} job {jid}")
 

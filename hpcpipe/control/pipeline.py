@@ -138,15 +138,19 @@ def _lock(run: Run, what: str, wait_s: float = 3.0) -> contextlib.ExitStack:
 
 
 def rerun(run: Run, step: str, *, downstream: bool, cancel_first: bool, overrides: list[str],
-          echo: Echo, wait_cancel_s: float = 60) -> dict[str, str]:
+          echo: Echo, wait_cancel_s: float = 60, fresh: bool = False) -> dict[str, str]:
     """Resubmit ``step`` in the same run folder; the step resumes its own work.
 
     Upstream steps that are COMPLETED are not waited on; upstream jobs still queued or running
     become ``afterok`` dependencies. With ``downstream``, later steps that have not completed are
-    cancelled if still queued and resubmitted behind the new job. Returns {step: new job id}.
+    cancelled if still queued and resubmitted behind the new job. With ``fresh`` (train only)
+    the train checkpoints are moved aside once the old job has ended, so training starts over
+    (put back if queueing fails). Returns {step: new job id}.
     """
     if step not in STEPS:
         raise RunError(f"unknown step '{step}'; steps are {', '.join(STEPS)}")
+    if fresh and step != "train":
+        raise RunError(f"--fresh starts training over; it applies to `rerun train`, not {step}")
     with _lock(run, "rerun"):
         backend = get_backend(run.backend_name, run.layout.root)
         adopt_lost_submission(run, backend)
@@ -172,22 +176,39 @@ def rerun(run: Run, step: str, *, downstream: bool, cancel_first: bool, override
         previous = run.layout.config.read_bytes() if overrides else None
         if overrides:
             write_config(cfg, run.layout)
+        aside = None
         try:
             if cur is not None and cur.active:
                 _cancel_and_wait(run, backend, [cur.job_id], wait_cancel_s)
             stale = [r.job_id for d in todo[1:] if (r := run.current(d)) is not None and r.active]
             if stale:
                 _cancel_and_wait(run, backend, stale, wait_cancel_s)
+            if fresh:
+                aside = _train_checkpoints_aside(run, echo)
             new = apply(plan, run, backend, verb="resubmitting")
         except BaseException:
             if previous is not None:
                 files.write_bytes(run.layout.config, previous)
+            if aside is not None:
+                aside.rename(run.layout.train / "checkpoints")
             raise
         if overrides:
             run.event(f"config changed for rerun of {step}: {' '.join(overrides)}")
         run.event("rerun " + ", ".join(f"{s}={j}" for s, j in new.items()))
         run.save()
     return new
+
+
+def _train_checkpoints_aside(run: Run, echo: Echo) -> Path | None:
+    from hpcpipe.steps.train import set_checkpoints_aside  # light: no torch
+
+    aside = set_checkpoints_aside(run.layout.train)
+    if aside is None:
+        echo("train: no checkpoints to move aside; training starts from scratch")
+    else:
+        echo(f"train: checkpoints moved aside to {aside}; training starts from scratch")
+        run.event(f"train checkpoints moved aside to {aside} (rerun --fresh)")
+    return aside
 
 
 def _upstream_dependencies(run: Run, step: str) -> list[str]:
