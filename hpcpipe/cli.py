@@ -373,13 +373,50 @@ def rerun(step: str, run: str | None, downstream: bool, cancel_first: bool,
 @click.argument("run", required=False)
 @runs_dir_option
 def predict(run: str | None, runs_dir: Path) -> None:
-    """Write predictions for the latest week of every product from RUN's best checkpoint
-    (to runs/<run-id>/predictions.parquet)."""
+    """Write predictions from RUN's best checkpoint to runs/<run-id>/predictions.parquet: the
+    number of reviews in the week after the data's last week (forecast_week), for every product
+    with reviews in that last week (the others have no features to forecast from). The file's
+    metadata says which weeks and how many products were left out."""
     from hpcpipe.steps.train.predict import predict as do_predict
 
     r = _open_run(runs_dir, run)
     path = do_predict(r.layout, r.load_config())
     click.echo(f"predictions: {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# the site
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+@click.option("--probe-job", is_flag=True,
+              help="Also run a 1-minute job that reports what a compute node sees: Python, "
+                   "torch and its CUDA, scontrol.")
+@click.option("--probe-timeout", type=click.FloatRange(min=10), default=300, show_default=True,
+              help="Seconds to wait for the probe job before cancelling it.")
+def doctor(as_json: bool, probe_job: bool, probe_timeout: float) -> None:
+    """Probe this Slurm cluster and say what hpcpipe does differently because of it.
+
+    Slurm version, accounting, select plugin and GPU request form, nodes and partitions
+    (CPUs, memory, GPUs, MaxTime, MaxNodes), MaxArraySize, JobFileAppend, preemption; the
+    facts are cached per cluster under $XDG_CACHE_HOME/hpcpipe/ (default ~/.cache/hpcpipe/),
+    and submit and rerun render their scripts from them.
+
+    \b
+    Example:
+      hpcpipe doctor               # facts and consequences
+      hpcpipe doctor --probe-job   # and what a compute node sees
+    """
+    from hpcpipe.scheduler import site
+
+    facts, cached = site.doctor(probe_job=probe_job, probe_timeout_s=probe_timeout)
+    if as_json:
+        click.echo(json.dumps({**facts.to_dict(), "cache": str(cached) if cached else None,
+                               "consequences": [{"fact": f, "hpcpipe": a}
+                                                for f, a in site.explain(facts)]}, indent=2))
+    else:
+        click.echo(site.report(facts, cached))
 
 
 # ---------------------------------------------------------------------------------------------
