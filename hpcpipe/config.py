@@ -68,7 +68,9 @@ class DataConfig:
 @dataclass
 class IngestConfig:
     cpus: int = 2
+    #: Memory for the job (``--mem``); or ``mem_per_cpu`` (``--mem-per-cpu``), not both.
     mem: str | None = None
+    mem_per_cpu: str | None = None
     time: str = "01:00:00"
     #: Target rows per hash bucket; the bucket count follows from the input size.
     target_bucket_rows: int = 500_000
@@ -80,7 +82,9 @@ class IngestConfig:
 class FeaturesConfig:
     cpus: int = 32
     nodes: int = 1
+    #: Memory per node (``--mem``); or ``mem_per_cpu`` (``--mem-per-cpu``), not both.
     mem: str | None = None
+    mem_per_cpu: str | None = None
     time: str = "02:00:00"
     #: Threads per Dask worker process (workers = usable CPUs / threads).
     threads_per_worker: int = 1
@@ -93,7 +97,10 @@ class TrainConfig:
     gpus: int = 2
     gpus_per_node: int = 2
     cpus_per_gpu: int = 4
+    #: Memory per node (``--mem``); or ``mem_per_gpu`` (``--mem-per-gpu``, which needs
+    #: select/cons_tres: elsewhere it is rendered as ``--mem`` = mem_per_gpu x GPUs per node).
     mem: str | None = None
+    mem_per_gpu: str | None = None
     time: str = "12:00:00"
     #: Seconds before the time limit at which Slurm sends USR2 so the job checkpoints and requeues.
     signal_seconds: int = 300
@@ -390,10 +397,41 @@ def load_config(
     """Read a YAML file, apply ``--set`` overrides and validate the result."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data = _merge(data, read_yaml(path))
+        data = _merge_layer(data, read_yaml(path), str(path))
+    layer: dict[str, Any] = {}
     for text in overrides:
-        data = _merge(data, parse_override(text))
-    return from_dict(data)
+        layer = _merge(layer, parse_override(text))
+    return from_dict(_merge_layer(data, layer, "--set"))
+
+
+#: Each step's memory keys; one of them at most (sbatch's --mem, --mem-per-cpu and --mem-per-gpu
+#: exclude each other too).
+MEM_KEYS: dict[str, tuple[str, ...]] = {"ingest": ("mem", "mem_per_cpu"),
+                                        "features": ("mem", "mem_per_cpu"),
+                                        "train": ("mem", "mem_per_gpu")}
+
+
+def _merge_layer(base: dict[str, Any], layer: dict[str, Any], where: str) -> dict[str, Any]:
+    """Merge one layer (a config file, or all the --set overrides) over the layers below it.
+
+    A memory key set in a layer replaces the other memory keys of that step from the layers
+    below (``--set features.mem=8G`` over a file's ``mem_per_cpu``), the way one later option
+    wins; two of them set in the same layer are refused, since which one was meant is unknown.
+    """
+    for step, keys in MEM_KEYS.items():
+        section = layer.get(step)
+        if not isinstance(section, dict):
+            continue
+        given = [k for k in keys if section.get(k) is not None]
+        if len(given) > 1:
+            raise ConfigError(
+                f"{step}.{given[0]} and {step}.{given[1]} are both set in {where}; they exclude "
+                f"each other (sbatch takes one memory request): keep one, e.g. "
+                f"--set {step}.{given[1]}=null")
+        if given and isinstance(base.get(step), dict):
+            base = {**base, step: {k: v for k, v in base[step].items()
+                                   if k not in keys or k == given[0]}}
+    return _merge(base, layer)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -492,7 +530,13 @@ def validate(cfg: RunConfig) -> None:
     for step in ("ingest", "features", "train"):
         sc = getattr(cfg, step)
         check_time(sc.time, f"{step}.time")
-        _check_mem(sc.mem, f"{step}.mem")
+        given = [k for k in MEM_KEYS[step] if getattr(sc, k) is not None]
+        for key in given:
+            _check_mem(getattr(sc, key), f"{step}.{key}")
+        if len(given) > 1:
+            raise ConfigError(
+                f"{step}.{given[0]} and {step}.{given[1]} are both set; they exclude each other "
+                f"(sbatch takes one memory request): keep one, e.g. --set {step}.{given[1]}=null")
     _positive(cfg.ingest.cpus, "ingest.cpus")
     _positive(cfg.ingest.target_bucket_rows, "ingest.target_bucket_rows")
     _not_negative(cfg.ingest.future_tolerance_days, "ingest.future_tolerance_days")

@@ -116,3 +116,31 @@ def test_train_nodes_is_ceil_of_gpus_over_gpus_per_node(gpus: int, per_node: int
                                                         expected: tuple[int, int]) -> None:
     cfg = load_config(None, [f"train.gpus={gpus}", f"train.gpus_per_node={per_node}"])
     assert train_nodes(cfg.train) == expected
+
+
+def test_a_step_memory_key_set_over_another_layer_replaces_it(tmp_path: Path) -> None:
+    """default.yaml asks memory per CPU/GPU; `--set features.mem=8G` (summarize's advice after
+    an out-of-memory) replaces it, as a later sbatch option would, instead of being refused."""
+    default = Path(__file__).parents[1] / "configs" / "default.yaml"
+    cfg = load_config(default, ["features.mem=8G", "train.mem=30G"])
+    assert (cfg.features.mem, cfg.features.mem_per_cpu) == ("8G", None)
+    assert (cfg.train.mem, cfg.train.mem_per_gpu) == ("30G", None)
+    assert load_config(default, []).ingest.mem_per_cpu == "1900M"
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text("features:\n  mem: 8G\n")
+    cfg = load_config(fixed, ["features.mem_per_cpu=2G"])  # the later layer wins here too
+    assert (cfg.features.mem, cfg.features.mem_per_cpu) == (None, "2G")
+
+
+@pytest.mark.parametrize("where", ["file", "set"])
+def test_mem_and_its_per_unit_key_in_one_layer_are_refused(tmp_path: Path, where: str) -> None:
+    both = tmp_path / "both.yaml"
+    both.write_text("train:\n  mem: 8G\n  mem_per_gpu: 4G\n")
+    with pytest.raises(ConfigError, match=r"train.mem and train.mem_per_gpu are both set in .*"
+                                          r"they exclude each other .* --set train.mem_per_gpu=null"):
+        if where == "file":
+            load_config(both)
+        else:
+            load_config(None, ["train.mem=8G", "train.mem_per_gpu=4G"])
+    with pytest.raises(ConfigError, match="ingest.mem_per_cpu: 'lots' is not a memory size"):
+        load_config(None, ["ingest.mem_per_cpu=lots"])

@@ -21,6 +21,7 @@ from hpcpipe import packaged
 from hpcpipe.config import RunConfig, train_nodes
 from hpcpipe.errors import ConfigError
 from hpcpipe.run.layout import RunLayout
+from hpcpipe.scheduler import site
 from hpcpipe.scheduler.base import Backend
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -35,28 +36,32 @@ class StepResources:
     time: str
     mem: str | None
     gpus_per_node: int = 0
+    mem_per_cpu: str | None = None
+    mem_per_gpu: str | None = None
 
 
 def resources(cfg: RunConfig, step: str) -> StepResources:
     """The allocation a step asks for, from its config section."""
     if step == "ingest":
         i = cfg.ingest
-        return StepResources(1, 1, i.cpus, i.time, i.mem)
+        return StepResources(1, 1, i.cpus, i.time, i.mem, mem_per_cpu=i.mem_per_cpu)
     if step == "features":
         c = cfg.features
         if c.nodes == 1:
-            return StepResources(1, 1, c.cpus, c.time, c.mem)
+            return StepResources(1, 1, c.cpus, c.time, c.mem, mem_per_cpu=c.mem_per_cpu)
         # SLURMRunner: one Dask process per task; rank 0 is the scheduler, rank 1 the client,
         # the others workers of threads_per_worker threads each. So a task per worker: the
         # scheduler and client then hold 2 tasks' CPUs, not half of the first node.
         per_node = -(-c.cpus // c.nodes)
         threads = min(c.threads_per_worker, per_node)
         tasks = max(2, per_node // threads)
-        return StepResources(c.nodes, tasks, max(1, per_node // tasks), c.time, c.mem)
+        return StepResources(c.nodes, tasks, max(1, per_node // tasks), c.time, c.mem,
+                             mem_per_cpu=c.mem_per_cpu)
     if step == "train":
         t = cfg.train
         nodes, per_node = train_nodes(t)
-        return StepResources(nodes, per_node, t.cpus_per_gpu, t.time, t.mem, per_node)
+        return StepResources(nodes, per_node, t.cpus_per_gpu, t.time, t.mem, per_node,
+                             mem_per_gpu=t.mem_per_gpu)
     raise ValueError(step)
 
 
@@ -121,20 +126,39 @@ def _setup_lines(lines: list[str]) -> str:
     return "\n".join(out)
 
 
+def _memory_option(res: StepResources, step: str, facts: site.SiteFacts | None) -> str | None:
+    """The one memory option of a step. ``--mem-per-gpu`` needs select/cons_tres: where the
+    site's facts do not say it has it, the same memory goes as ``--mem`` per node."""
+    if res.mem:
+        return f"--mem={_sbatch_word(res.mem, f'{step}.mem')}"
+    if res.mem_per_cpu:
+        return f"--mem-per-cpu={_sbatch_word(res.mem_per_cpu, f'{step}.mem_per_cpu')}"
+    if res.mem_per_gpu:
+        value = _sbatch_word(res.mem_per_gpu, f"{step}.mem_per_gpu")
+        if facts is not None and facts.cons_tres:
+            return f"--mem-per-gpu={value}"
+        number, unit = (value[:-1], value[-1].upper()) if value[-1].isalpha() else (value, "")
+        return f"--mem={int(number) * max(1, res.gpus_per_node)}{unit}"
+    return None
+
+
 def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
                 logs_dir: Path) -> str:
-    """The sbatch script of ``step`` for this run, as text."""
+    """The sbatch script of ``step`` for this run, as text, in the forms the site takes (the
+    facts the backend's layout check read; without them the forms every Slurm takes)."""
     res = resources(cfg, step)
     s = cfg.slurm
-    site = []
+    facts: site.SiteFacts | None = getattr(backend, "facts", None)
+    lines = []
     for key in ("partition", "account", "qos", "constraint"):
         value = getattr(s, key)
         if value:
-            site.append(f"#SBATCH --{key}={_sbatch_word(value, f'slurm.{key}')}")
-    if res.mem:
-        site.append(f"#SBATCH --mem={_sbatch_word(res.mem, f'{step}.mem')}")
+            lines.append(f"#SBATCH --{key}={_sbatch_word(value, f'slurm.{key}')}")
+    memory = _memory_option(res, step, facts)
+    if memory:
+        lines.append(f"#SBATCH {memory}")
     for i, opt in enumerate(s.extra_sbatch):
-        site.append(f"#SBATCH {_sbatch_word(opt, f'slurm.extra_sbatch[{i}]')}")
+        lines.append(f"#SBATCH {_sbatch_word(opt, f'slurm.extra_sbatch[{i}]')}")
     values = {
         "job_name": _sbatch_word(f"{step}.{layout.run_id}", "run name"),
         "log": _sbatch_log_path(logs_dir, step),
@@ -142,9 +166,10 @@ def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
         "ntasks_per_node": str(res.ntasks_per_node),
         "cpus_per_task": str(res.cpus_per_task),
         "gpus_per_node": str(res.gpus_per_node),
+        "gpu_request": site.gpu_request(facts, res.gpus_per_node),
         "time": _sbatch_word(res.time, f"{step}.time"),
         "signal_seconds": str(cfg.train.signal_seconds),
-        "site_options": "\n".join(site),
+        "site_options": "\n".join(lines),
         "setup": _setup_lines(s.setup),
         "launch": (backend.launcher(step, res.nodes * res.ntasks_per_node) + " ").lstrip(),
         "python": shlex.quote(s.python or sys.executable),

@@ -330,3 +330,57 @@ def parse_mem(text: str) -> int | None:
         return None
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}[m.group(2)]
     return int(float(m.group(1)) * mult)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the site is: read by hpcpipe.scheduler.site (``hpcpipe doctor`` and the layout check)
+
+
+def show_config() -> str:
+    """``scontrol show config`` as printed (``Key = Value`` lines)."""
+    return call(["scontrol", "show", "config"])
+
+
+def parse_show_config(out: str) -> dict[str, str]:
+    """``Key = Value`` lines into a dict; keys that a version does not print are simply absent
+    (25.11 dropped some and prints ``(null)`` for others, VERSIONS.md item 11)."""
+    kv: dict[str, str] = {}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            kv[key.strip()] = value.strip()
+    return kv
+
+
+def show_partitions() -> str:
+    """``scontrol show partition -o``: one line per partition."""
+    return call(["scontrol", "show", "partition", "-o"])
+
+
+def parse_partitions(out: str) -> list[dict[str, str]]:
+    return [parse_scontrol(line) for line in out.splitlines() if line.startswith("PartitionName=")]
+
+
+def accounting_answer() -> str:
+    """"" if sacct answers (asked about a job id that need not exist: empty output, rc 0 on both
+    versions), else what it said instead."""
+    try:
+        call(["sacct", "-n", "-P", "-X", "-j", "1", "-o", "JobID"], timeout=30)
+    except SchedulerUnreachableError:
+        raise
+    except SchedulerError as exc:
+        return (exc.stderr or exc.stdout).strip() or f"sacct failed with exit code {exc.returncode}"
+    return ""
+
+
+def sbatch_test_only(args: Sequence[str]) -> tuple[bool, str]:
+    """``sbatch --test-only ARGS --wrap true``: whether the controller would take the request
+    (its exit code; the text differs between versions, VERSIONS.md item 8), and its complaint."""
+    try:
+        call(["sbatch", "--test-only", *args, "--wrap", "true"], timeout=30)
+    except SchedulerUnreachableError:
+        raise
+    except SchedulerError as exc:
+        lines = (exc.stderr or exc.stdout).strip().splitlines()
+        return False, lines[-1] if lines else f"exit code {exc.returncode}"
+    return True, ""

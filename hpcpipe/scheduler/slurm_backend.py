@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpcpipe.config import RunConfig, train_nodes
+from hpcpipe.config import RunConfig, time_limit_seconds, train_nodes
 from hpcpipe.errors import ConfigError, SchedulerError
+from hpcpipe.scheduler import site
 from hpcpipe.scheduler import slurm as scheduler
 from hpcpipe.scheduler.base import Backend, JobInfo
 
 
 class SlurmBackend(Backend):
     name = "slurm"
+
+    def __init__(self, facts: site.SiteFacts | None = None) -> None:
+        #: What the site takes (GPU request form, --mem-per-gpu), set by :meth:`check` from the
+        #: cached facts; the scripts are rendered from them. None: not known, render the forms
+        #: every Slurm takes (--gres, --mem).
+        self.facts = facts
 
     def launcher(self, step: str, ntasks: int) -> str:
         # srun starts one task per rank; a failing rank ends the whole step. Since Slurm 22.05
@@ -47,9 +54,13 @@ class SlurmBackend(Backend):
             return {}
 
     def check(self, cfg: RunConfig) -> None:
-        """Refuse a layout the partition cannot place, using one ``sinfo`` call; only the steps
-        in ``cfg.steps`` (a rerun passes the steps it is about to queue)."""
-        nodes, default = scheduler.nodes()
+        """Refuse a layout the partition cannot place; only the steps in ``cfg.steps`` (a rerun
+        passes the steps it is about to queue). Reads the site's facts (``scontrol show config``
+        and the layout's ``sinfo``; the cached rest, probed once where there is no cache) and
+        keeps them for rendering the scripts."""
+        self.facts = site.for_layout_check()
+        nodes = self.facts.nodes
+        default = next((p.name for p in self.facts.partitions if p.default), None)
         part = cfg.slurm.partition or default
         if part is None:
             raise ConfigError("no partition given and the cluster has no default partition; "
@@ -59,10 +70,12 @@ class SlurmBackend(Backend):
             known = sorted({p for n in nodes for p in n.partitions})
             raise ConfigError(f"partition '{part}' does not exist on this cluster; "
                               f"known partitions: {', '.join(known)}")
+        limits = self.facts.partition(part)
         for step in ("ingest", "features", "train"):
-            mem = getattr(cfg, step).mem
-            if step in cfg.steps and mem:
-                _check_memory(step, mem, in_part, part)
+            if step in cfg.steps:
+                _check_memory(cfg, step, in_part, part, self.facts)
+                if limits is not None:
+                    _check_partition_limits(cfg, step, limits)
         if "ingest" in cfg.steps:
             fit = [n for n in in_part if n.cpus >= cfg.ingest.cpus]
             if not fit:
@@ -102,12 +115,67 @@ def _mem_mb(text: str) -> int:
     return {"K": number // 1024, "M": number, "G": number * 1024, "T": number * 1024 ** 2}[unit]
 
 
-def _check_memory(step: str, mem: str, in_part: list[scheduler.NodeInfo], part: str) -> None:
-    """sbatch refuses a ``--mem`` no node of the partition has ("Memory specification can not be
-    satisfied"): say so before anything is queued."""
+def step_nodes(cfg: RunConfig, step: str) -> tuple[int, int, int]:
+    """(nodes, CPUs per node, GPUs per node) that ``step`` asks for."""
+    if step == "ingest":
+        return 1, cfg.ingest.cpus, 0
+    if step == "features":
+        f = cfg.features
+        return f.nodes, -(-f.cpus // f.nodes), 0
+    n, per_node = train_nodes(cfg.train)
+    return n, per_node * cfg.train.cpus_per_gpu, per_node
+
+
+def memory_per_node_mb(cfg: RunConfig, step: str) -> tuple[int, str] | None:
+    """The memory a step asks for on each node, in MB, and the key that sets it; None where
+    it asks for none (the partition's default)."""
+    sc = getattr(cfg, step)
+    _, cpus, gpus = step_nodes(cfg, step)
+    if sc.mem:
+        return _mem_mb(sc.mem), f"{step}.mem={sc.mem}"
+    if getattr(sc, "mem_per_cpu", None):
+        return _mem_mb(sc.mem_per_cpu) * cpus, f"{step}.mem_per_cpu={sc.mem_per_cpu} x {cpus} CPUs"
+    if getattr(sc, "mem_per_gpu", None):
+        return _mem_mb(sc.mem_per_gpu) * gpus, f"{step}.mem_per_gpu={sc.mem_per_gpu} x {gpus} GPUs"
+    return None
+
+
+def _check_memory(cfg: RunConfig, step: str, in_part: list[scheduler.NodeInfo], part: str,
+                  facts: site.SiteFacts | None) -> None:
+    """sbatch refuses memory no node of the partition has ("Memory specification can not be
+    satisfied"): say so before anything is queued, naming the key."""
+    asked = memory_per_node_mb(cfg, step)
+    if asked is None:
+        return
+    mb, what = asked
     largest = max(n.memory_mb for n in in_part)
-    if _mem_mb(mem) > largest:
+    if mb <= largest:
+        return
+    sc = getattr(cfg, step)
+    if sc.mem:
+        fix = f"lower {step}.mem, e.g. --set {step}.mem={largest}M"
+    else:
+        key = "mem_per_cpu" if getattr(sc, "mem_per_cpu", None) else "mem_per_gpu"
+        _, cpus, gpus = step_nodes(cfg, step)
+        per = largest // (cpus if key == "mem_per_cpu" else gpus)
+        fix = f"lower {step}.{key}, e.g. --set {step}.{key}={per}M"
+    raise ConfigError(
+        f"{what} is more memory than any node of partition '{part}' has (largest: "
+        f"{largest} MB, about {largest / 1024:.1f}G); {fix}")
+
+
+def _check_partition_limits(cfg: RunConfig, step: str, p: site.Partition) -> None:
+    """A time above the partition's MaxTime or more nodes than its MaxNodes pend forever
+    (PartitionTimeLimit, PartitionNodeLimit): refuse them before anything is queued."""
+    sc = getattr(cfg, step)
+    limit = p.max_time_s
+    if limit is not None and time_limit_seconds(sc.time) > limit:
         raise ConfigError(
-            f"{step}.mem={mem} is more memory than any node of partition '{part}' has (largest: "
-            f"{largest} MB, about {largest / 1024:.1f}G); lower {step}.mem, e.g. "
-            f"--set {step}.mem={largest}M")
+            f"{step}.time {sc.time} is above partition {p.name}'s MaxTime {p.max_time}; "
+            f"lower {step}.time or pass --partition")
+    nodes, _, _ = step_nodes(cfg, step)
+    if p.max_nodes is not None and nodes > p.max_nodes:
+        key = "--gpus or --gpus-per-node" if step == "train" else f"{step}.nodes"
+        raise ConfigError(
+            f"{step} asks for {nodes} nodes, above partition {p.name}'s MaxNodes {p.max_nodes}; "
+            f"change {key} or pass --partition")
