@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -81,3 +82,19 @@ def write_json(path: Path, obj: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def set_aside(folder: Path) -> Path | None:
+    """Rename ``folder`` to ``<folder>.<time>`` (never deleting anything); return the new path,
+    or None when there was no such folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder.with_name(f"{folder.name}.{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.{stamp}-{n}")
+    folder.rename(aside)
+    return aside

@@ -200,9 +200,7 @@ def rerun(run: Run, step: str, *, downstream: bool, cancel_first: bool, override
 
 
 def _train_checkpoints_aside(run: Run, echo: Echo) -> Path | None:
-    from hpcpipe.steps.train import set_checkpoints_aside  # light: no torch
-
-    aside = set_checkpoints_aside(run.layout.train)
+    aside = files.set_aside(run.layout.checkpoints)
     if aside is None:
         echo("train: no checkpoints to move aside; training starts from scratch")
     else:

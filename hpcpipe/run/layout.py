@@ -58,6 +58,10 @@ class RunLayout:
         return self.root / "train"
 
     @property
+    def checkpoints(self) -> Path:  # last.pt, best.pt (hpcpipe.steps.train.checkpoint)
+        return self.train / "checkpoints"
+
+    @property
     def predictions(self) -> Path:
         return self.root / "predictions.parquet"
 

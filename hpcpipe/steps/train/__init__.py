@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hpcpipe import files
 from hpcpipe.steps.train.stop import SIGNALS, StopReason, StopSignals
 
 if TYPE_CHECKING:  # jobs/train.py imports this package before it may import anything slow
@@ -80,17 +81,7 @@ def set_checkpoints_aside(train_dir: Path) -> Path | None:
     """Move ``train/checkpoints`` to ``train/checkpoints.<time>`` so that the next start of
     the step trains from scratch (``hpcpipe rerun train --fresh``); return the new folder, or
     None when there was nothing to move. Nothing is deleted. Cheap: no torch."""
-    folder = Path(train_dir) / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = folder.with_name(f"{CHECKPOINTS}.{stamp}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = folder.with_name(f"{CHECKPOINTS}.{stamp}-{n}")
-    folder.rename(aside)
-    return aside
+    return files.set_aside(Path(train_dir) / CHECKPOINTS)
 
 
 def _train(recipe: TrainRecipe) -> StopReason:
