@@ -8,11 +8,15 @@ while it runs and `hpcpipe rerun train` completes it from its checkpoint.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from hpcli import hp, steps, wait_for
+
+from hpcpipe.faulthooks import AFTER_SUBMIT_DELAY_ENV
 
 pytestmark = pytest.mark.slurm
 
@@ -96,13 +100,31 @@ def test_layout_the_partition_cannot_place_is_refused_before_queueing(tmp_path: 
 
 def test_sbatch_rejection_shows_slurms_message_and_cancels_earlier_jobs(tmp_path: Path,
                                                                         slurm_cluster) -> None:
-    # More memory than a node has passes our checks but sbatch refuses the features job: the
-    # ingest job already submitted must be cancelled and the error must carry Slurm's words.
-    proc = hp(tmp_path, "submit", "--set", "features.mem=900000M", check=False)
-    assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "submitting step features failed" in proc.stderr
-    assert "Requested node configuration is not available" in proc.stderr, proc.stderr
-    assert "were cancelled" in proc.stderr
+    """A rejection no check before queueing can foresee: the partition is set INACTIVE by an
+    administrator between the ingest and the features submission. The ingest job already
+    submitted must be cancelled and the error must carry Slurm's words."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HPCPIPE_")}
+    env.update({"HPCPIPE_RUNS_DIR": str(tmp_path / "runs"), AFTER_SUBMIT_DELAY_ENV: "8"})
+    proc = subprocess.Popen(["hpcpipe", "submit", "--partition", "short", "--time", "5", "--set",
+                             "train.signal_seconds=60"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob("runs/*/sbatch/ingest.sbatch")) or not subprocess.run(
+                ["squeue", "-h", "--partition=short", "-o", "%i"], capture_output=True,
+                text=True).stdout.strip():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", "PartitionName=short", "State=INACTIVE"],
+                       check=True)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        subprocess.run(["scontrol", "update", "PartitionName=short", "State=UP"], check=True)
+    assert proc.returncode != 0 and "Traceback" not in err
+    assert "submitting step features failed" in err, err
+    assert "Required partition not available" in err, err
+    assert "were cancelled" in err
     state = json.loads(next((tmp_path / "runs").iterdir()).joinpath("state.json").read_text())
     ingest = state["steps"]["ingest"]["jobs"][0]
     assert ingest["state"] == "CANCELLED"
@@ -113,7 +135,8 @@ def test_sbatch_rejection_shows_slurms_message_and_cancels_earlier_jobs(tmp_path
 def test_dry_run_prints_scripts_and_sbatch_lines_and_submits_nothing(tmp_path: Path,
                                                                      slurm_cluster) -> None:
     out = hp(tmp_path, "submit", "--gpus", "4", "--gpus-per-node", "2", "--dry-run").stdout
-    assert "#SBATCH --nodes=2" in out and "#SBATCH --gres=gpu:2" in out
+    # The test clusters run select/cons_tres, which takes --gpus-per-node (hpcpipe doctor).
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --gpus-per-node=2" in out
     assert "$ sbatch --parsable --dependency=afterok:<job id of features> " \
         "--kill-on-invalid-dep=yes" in out
     assert not (tmp_path / "runs").exists()

@@ -70,12 +70,6 @@ class SlurmBackend(Backend):
             known = sorted({p for n in nodes for p in n.partitions})
             raise ConfigError(f"partition '{part}' does not exist on this cluster; "
                               f"known partitions: {', '.join(known)}")
-        limits = self.facts.partition(part)
-        for step in ("ingest", "features", "train"):
-            if step in cfg.steps:
-                _check_memory(cfg, step, in_part, part, self.facts)
-                if limits is not None:
-                    _check_partition_limits(cfg, step, limits)
         if "ingest" in cfg.steps:
             fit = [n for n in in_part if n.cpus >= cfg.ingest.cpus]
             if not fit:
@@ -105,6 +99,14 @@ class SlurmBackend(Backend):
                     f"(and {cpus} CPUs per node), but partition '{part}' has only {len(fit)} "
                     f"node(s) that can hold that (most GPUs on one node: {most}); "
                     "change --gpus/--gpus-per-node or the partition")
+        # CPUs and GPUs first (the shape the user asked for), then memory and the partition's
+        # limits, so the first refusal names the option the user most likely got wrong.
+        limits = self.facts.partition(part)
+        for step in ("ingest", "features", "train"):
+            if step in cfg.steps:
+                _check_memory(cfg, step, in_part, part, self.facts)
+                if limits is not None:
+                    _check_partition_limits(cfg, step, limits)
 
 
 def _mem_mb(text: str) -> int:
