@@ -1,6 +1,6 @@
 # Two commands for a fresh machine (Debian/Ubuntu, Python >= 3.10):
 #   make run    set up, then run the whole pipeline locally on a synthetic sample
-#   make test   set up (package, test tools, Slurm test cluster packages), then lint and test
+#   make test   set up (package, test tools, Slurm 22.05 and 25.11 test clusters), lint and test
 PY ?= python3
 PIP = $(PY) -m pip
 # The CPU build of torch must come first: an unpinned torch requirement pulls the CUDA build.
@@ -17,8 +17,9 @@ setup:
 setup-test:
 	$(PIP) install -q "$(TORCH)"
 	$(PIP) install -q -e ".[test]"
-	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/testbed.sh install; \
-	else echo "not root: the Slurm test cluster cannot be installed; slurm tests will skip"; fi
+	@if [ "$$(id -u)" = 0 ]; then bash tests/slurm/testbed.sh install && \
+		bash tests/slurm/testbed.sh build-25.11; \
+	else echo "not root: the Slurm test clusters cannot be installed; slurm tests will skip"; fi
 
 run: setup
 	hpcpipe submit --local --wait
@@ -28,8 +29,10 @@ lint:
 	ruff check .
 	mypy
 
+# Every test on Debian's Slurm 22.05, then the slurm-marked ones again on Slurm 25.11.7.
 test: setup-test lint
 	$(PY) -m pytest -q
+	HPCPIPE_SLURM_VERSION=25.11 $(PY) -m pytest -q -m slurm
 
 bench-features:
 	$(PY) bench/bench_features.py

@@ -12,7 +12,8 @@
 #   22.05 (default): Debian 12's slurm-wlm from /usr; state in /var/tmp/hpcpipe-slurm; ClusterName
 #         hpcpipe-test; ports slurmctld 17817, slurmdbd 17819, mysqld 17306, slurmd 17001-17002;
 #         the machine's munged (/run/munge). Clients: export SLURM_CONF=/var/tmp/hpcpipe-slurm/slurm.conf
-#   25.11: SchedMD's 25.11.7 built from /work/shared/slurm/slurm-25.11.7.tar.gz into /opt/slurm-25.11
+#   25.11: SchedMD's 25.11.7 built from ../shared/slurm/slurm-25.11.7.tar.gz (beside the checkout;
+#          HPCPIPE_SLURM_TARBALL overrides) into /opt/slurm-25.11
 #         (once per machine, 4-7 min on 2 cores; `build-25.11` does only that, `install`/`start`
 #         build it if missing); state in /var/tmp/hpcpipe-slurm-25.11; ClusterName hpcpipe-2511;
 #         ports slurmctld 17827, slurmdbd 17829, mysqld 17316, slurmd 17011-17012; its own munged
@@ -454,7 +455,8 @@ cmd_status() {
 }
 
 # ---- Slurm 25.11 from source -------------------------------------------------------------------
-SLURM_SRC_TARBALL=${HPCPIPE_SLURM_TARBALL:-/work/shared/slurm/slurm-25.11.7.tar.gz}
+# The release source sits in shared/ beside the checkout (CI lays a copy there too).
+SLURM_SRC_TARBALL=${HPCPIPE_SLURM_TARBALL:-$(realpath -m "$(dirname "${BASH_SOURCE[0]}")/../../../shared/slurm/slurm-25.11.7.tar.gz")}
 SLURM_SRC_VERSION=25.11.7
 
 # Two slurmd's on one host (n1, n2 share NodeHostname) need --enable-multiple-slurmd, as Debian's
