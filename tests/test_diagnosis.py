@@ -189,3 +189,51 @@ def test_a_model_worse_than_the_baseline_is_said_first(tmp_path: Path) -> None:
     assert "Nothing went wrong" not in report
     first = diagnose(run)[0]
     assert first.step == "train" and "does not beat the naive baseline" in first.problem
+
+
+def _scores(smape: float) -> dict:
+    return {"smape": smape, "smape_zero": smape, "smape_nonzero": smape, "mae": 1.0,
+            "mae_log1p": 0.3, "rmse_log1p": 0.5, "rows": 100, "zero_share": 0.4}
+
+
+def test_a_model_that_beats_the_naive_baselines_but_not_lightgbm_is_said_to_lose_first(
+        tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "runs", "run-lgb", "local", tmp_path / "logs")
+    for step in ("ingest", "features", "train"):
+        run.add_job(step, f"L{step}", [], Path("x")).update(state="COMPLETED", final=True)
+    writer = MetricsWriter(run.layout.metrics, "train", job_id="L1")
+    writer.write("eval", epoch=0, inner_smape=0.70, val_smape=0.65, baseline_same_smape=1.0,
+                 baseline_roll4_smape=0.69, improvement_pct=5.8)
+    writer.write("summary", best_epoch=0, epoch_chosen_on="inner weeks", inner_weeks=8,
+                 best_inner_smape=0.70, best_val_smape=0.65, best_baseline_smape=0.69,
+                 strongest_baseline="roll_mean_4", improvement_pct=5.8, model=_scores(0.65),
+                 baselines={"same_week": _scores(1.0), "roll_mean_4": _scores(0.69),
+                            "lightgbm": _scores(0.66), "lightgbm_poisson": _scores(0.62)},
+                 floor=_scores(0.57), gap_closed_pct=33.3, eval_notes=[])
+    report = build_report(run)
+    training = report.split("## Training", 1)[1].strip().splitlines()
+    assert training[0].startswith("**The model loses to LightGBM (Poisson"), training[0]
+    assert "0.65 vs 0.62" in training[0] and "% better" not in report.split("## Diagnosis")[0]
+    assert "| floor: generator's expected count | 0.57 |" in report
+    assert "the model closes 33.3%" in report
+    first = diagnose(run)[0]
+    assert first.step == "train" and "does not beat LightGBM (Poisson" in first.problem
+    assert "Nothing went wrong" not in report
+
+
+def test_a_model_that_beats_every_baseline_gets_the_honest_headline(tmp_path: Path) -> None:
+    run = Run.create(tmp_path / "runs", "run-win", "local", tmp_path / "logs")
+    for step in ("ingest", "features", "train"):
+        run.add_job(step, f"L{step}", [], Path("x")).update(state="COMPLETED", final=True)
+    writer = MetricsWriter(run.layout.metrics, "train", job_id="L1")
+    writer.write("eval", epoch=0, inner_smape=0.6, val_smape=0.6, improvement_pct=10.0)
+    writer.write("summary", best_epoch=0, inner_weeks=8, best_val_smape=0.6,
+                 best_baseline_smape=2 / 3, strongest_baseline="roll_mean_4",
+                 improvement_pct=10.0, model=_scores(0.6),
+                 baselines={"roll_mean_4": _scores(2 / 3), "lightgbm_poisson": _scores(0.62)},
+                 floor=None, eval_notes=["not synthetic data (the run reads configured input): "
+                                         "no floor"])
+    report = build_report(run)
+    assert ("Validation SMAPE 0.6 vs 0.6667 for the strongest baseline (roll_mean_4, whole "
+            "counts): 10% better") in report
+    assert "Note: not synthetic data" in report and "Nothing went wrong" in report

@@ -216,10 +216,33 @@ def test_train_writes_metrics_checkpoints_and_predictions(dataset: Path, tiny_mo
     eval_rec = next(r for r in records if r["kind"] == "eval")
     assert {"val_mae", "val_smape", "baseline_same_mae", "baseline_same_smape",
             "baseline_roll4_mae", "baseline_roll4_smape", "improvement_pct"} <= eval_rec.keys()
-    assert summary["best_val_smape"] == min(r["val_smape"] for r in records if r["kind"] == "eval")
+    assert {"inner_smape", "val_smape_zero", "val_smape_nonzero", "val_mae_log1p",
+            "val_rmse_log1p", "strongest_baseline"} <= eval_rec.keys()
+    # The epoch is the one best on the inner weeks, whatever its validation score.
+    evals = [r for r in records if r["kind"] == "eval"]
+    chosen = min(evals, key=lambda r: r["inner_smape"])
+    assert summary["best_epoch"] == chosen["epoch"] and summary["epoch_chosen_on"] == "inner weeks"
+    assert summary["best_val_smape"] == chosen["val_smape"] == summary["model"]["smape"]
+    norm = json.loads((layout.train / "norm.json").read_text())
+    assert eval_rec["inner_rows"] == norm["inner_rows"] > 0
+    assert norm["fit_rows"] + norm["inner_rows"] == norm["train_rows"]
+    # Baselines scored like the model (whole counts) on the same rows, LightGBM among them.
+    base = summary["baselines"]
+    assert {"same_week", "roll_mean_4", "roll_mean_12", "roll_mean_4_poisson", "lightgbm",
+            "lightgbm_poisson"} <= base.keys()
+    for scores in (*base.values(), summary["model"]):
+        assert {"smape", "smape_zero", "smape_nonzero", "mae", "mae_log1p", "rmse_log1p"} <= \
+            scores.keys() and scores["rows"] == norm["val_rows"]
+    rows = data.load_rows(layout)
+    split = data.split_by_time(rows, cfg.train.val_weeks)
+    assert eval_rec["baseline_roll4_smape"] == pytest.approx(
+        predict.smape(np.rint(rows.roll_mean_4[split.val]), rows.target[split.val]))
+    assert summary["floor"] is None and any("not synthetic" in n for n in summary["eval_notes"])
+    assert summary["strongest_baseline"] in base and summary["improvement_pct"] == \
+        pytest.approx(100 * (1 - summary["best_val_smape"] / summary["best_baseline_smape"]))
     assert Path(summary["checkpoint"]).is_file() and checkpoint.last_path(layout.train).is_file()
-    # It learns: clearly better than the better naive baseline on this seasonal data.
-    assert summary["improvement_pct"] > 10, summary
+    # It learns: far better than repeating this week on this seasonal data.
+    assert summary["best_val_smape"] < 0.9 * base["same_week"]["smape"], summary
 
     pred = pd.read_parquet(layout.predictions)
     frame = pd.concat(pd.read_parquet(p) for p in layout.features.glob("bucket=*/*.parquet"))
@@ -238,6 +261,48 @@ def test_train_writes_metrics_checkpoints_and_predictions(dataset: Path, tiny_mo
     pd.testing.assert_frame_equal(pd.read_parquet(layout.predictions), first)
     train_run(layout, cfg, MetricsWriter(layout.metrics, "train"))  # complete: predicts again
     assert (cache / "ids.npy").stat().st_mtime_ns == mtime
+
+
+def test_the_chosen_epoch_does_not_depend_on_the_validation_weeks(
+        dataset: Path, tiny_model: Path, tmp_path: Path) -> None:
+    """Validation targets changed at random: the same epoch is chosen, with the same inner
+    scores; only the reported validation scores change."""
+    layout, cfg = new_run(dataset, tmp_path / "run", tiny_model, freeze_encoder=True, epochs=4,
+                          batch_size=32, lr=5e-3)
+    train_run(layout, cfg, MetricsWriter(layout.metrics, "train"))
+
+    other = tmp_path / "perturbed"
+    (other / "features").mkdir(parents=True)
+    (other / "ingest").symlink_to(dataset / "ingest")
+    (other / "features" / "manifest.json").write_text(
+        (dataset / "features" / "manifest.json").read_text())
+    rng = np.random.default_rng(7)
+    for path in sorted((dataset / "features").glob("bucket=*/part-0.parquet")):
+        frame = pd.read_parquet(path)
+        last = pd.Timestamp(max(pd.read_parquet(p, columns=["week"]).week.max()
+                                for p in (dataset / "features").glob("bucket=*/*.parquet")))
+        val = (pd.to_datetime(frame.week) >= last - pd.Timedelta(weeks=cfg.train.val_weeks)) \
+            & frame.target_next_n.notna()
+        frame.loc[val, "target_next_n"] = rng.integers(0, 30, int(val.sum()))
+        out = other / "features" / path.parent.name / path.name
+        out.parent.mkdir()
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        pq.write_table(table.set_column(1, "week", table["week"].cast(pa.date32())), out)
+    moved = RunLayout(other)
+    moved.config.write_text(layout.config.read_text())
+    train_run(moved, cfg, MetricsWriter(moved.metrics, "train"))
+
+    def evals(run: RunLayout) -> list[dict]:
+        return [r for r in read_metrics(run.metrics) if r["kind"] == "eval"]
+
+    def summary(run: RunLayout) -> dict:
+        return next(r for r in read_metrics(run.metrics) if r["kind"] == "summary")
+
+    assert [e["inner_smape"] for e in evals(moved)] == [e["inner_smape"] for e in evals(layout)]
+    assert summary(moved)["best_epoch"] == summary(layout)["best_epoch"]
+    assert [e["val_smape"] for e in evals(moved)] != [e["val_smape"] for e in evals(layout)]
+    # and what validation alone would pick is not what decides
+    assert summary(layout)["best_inner_smape"] == min(e["inner_smape"] for e in evals(layout))
 
 
 def _rank_main(rank: int, world: int, port: int, root: str, cfg_dict: dict) -> None:

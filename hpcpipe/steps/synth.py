@@ -114,6 +114,7 @@ _REVIEW_TITLES = {
     5: ["Love it!", "Excellent", "Perfect", "Five stars", "Great buy"],
 }
 _TEXTS_PER_RATING = 1024
+_SEASON_TRIES = 12  # draws of a review's time before the uniform fallback
 _ALPHABET36 = np.frombuffer(b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
 _ALPHABET32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
 
@@ -164,6 +165,30 @@ def write_synthetic(out_dir: Path, n_reviews: int, seed: int = 0, n_products: in
     return {"reviews": str(reviews_path), "metadata": str(meta_path), "n_reviews": n_reviews,
             "n_products": n_products, "n_users": n_users, "seed": seed, "format": fmt,
             "seconds": round(seconds, 3)}
+
+
+def generator_parameters(n_reviews: int, seed: int = 0,
+                         n_products: int | None = None) -> dict[str, Any]:
+    """What the generator draws reviews from, for the same arguments as ``write_synthetic``
+    (deterministic from ``seed``): per product its ``parent_asin`` (list of str), category
+    index ``cat``, popularity ``weight`` (sums to 1), ``launch`` (ms) and life-cycle
+    ``scale_days``; the monthly ``season`` weights (n_categories, 12); the time range
+    ``start_ms``/``end_ms``; the ``tries`` of the seasonal rejection and ``n_reviews``.
+
+    A review picks a product by ``weight``, then a time launch + Gamma(2, scale_days) days kept
+    with probability season[cat, month] (up to ``tries`` draws; else uniform between the launch,
+    clipped to the range, and ``end_ms``). The train step uses this to compute the best possible
+    forecast of synthetic data (``hpcpipe.steps.train.evaluate``).
+    """
+    if n_products is None:
+        n_products = max(1, n_reviews // REVIEWS_PER_PRODUCT)
+    products = _make_products(n_products, n_reviews, seed)
+    return {"parent_asin": products["parent_asin"].to_pylist(), "cat": products["cat"],
+            "weight": products["weight"], "launch": products["launch"],
+            "scale_days": products["scale_days"],
+            "season": np.array([c[3] for c in CATEGORIES], dtype=np.float64),
+            "start_ms": START_MS, "end_ms": END_MS, "tries": _SEASON_TRIES,
+            "n_reviews": n_reviews}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,7 +312,7 @@ def _review_chunk(products: dict[str, Any], texts: dict[int, dict[str, pa.Array]
     season = np.array([c[3] for c in CATEGORIES])  # (n_cat, 12), max 1 per row
     ts = np.empty(n, dtype=np.int64)
     todo = np.arange(n)
-    for _ in range(12):
+    for _ in range(_SEASON_TRIES):
         p = prod[todo]
         offset = rng.gamma(2.0, products["scale_days"][p]) * DAY_MS
         cand = products["launch"][p] + offset.astype(np.int64)

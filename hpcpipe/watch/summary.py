@@ -316,9 +316,27 @@ def _stuck(step: str, rec: JobRecord) -> Diagnosis | None:
 
 
 def _model_loses(run: Run) -> Diagnosis | None:
-    """The model's validation SMAPE is not better than the better naive baseline's."""
-    evals = [m for m in read_metrics(run.layout.metrics)
-             if m.get("step") == "train" and m.get("kind") == "eval"]
+    """The model's validation SMAPE is not better than every baseline's (whole counts,
+    LightGBM included); for runs of an older hpcpipe, than the better naive baseline's."""
+    metrics = read_metrics(run.layout.metrics)
+    summaries = [m for m in metrics if m.get("step") == "train" and m.get("kind") == "summary"
+                 and isinstance(m.get("baselines"), dict)]
+    if summaries:
+        summ = summaries[-1]
+        losers = _beaten_by(summ)
+        if not losers:
+            return None
+        name, smape = losers[0]
+        return Diagnosis("train", f"the model does not beat {_BASELINE_NAMES.get(name, name)}"
+                         f"{' (and ' + str(len(losers) - 1) + ' more)' if len(losers) > 1 else ''}"
+                         ": a cheaper forecast is at least as good",
+                         f"best validation SMAPE {_fmt(summ.get('best_val_smape'))} (epoch "
+                         f"{summ.get('best_epoch')}, chosen on the inner weeks) vs {_fmt(smape)} "
+                         f"for {name}, whole counts on the same rows",
+                         "train longer (train.epochs), try a lower train.lr or fine-tune the "
+                         "encoder (train.freeze_encoder=false on GPUs), then `hpcpipe rerun "
+                         "train --fresh`; until it wins, the baseline is the better forecast")
+    evals = [m for m in metrics if m.get("step") == "train" and m.get("kind") == "eval"]
     if not evals:
         return None
     best = min(evals, key=lambda e: _num(e.get("val_smape"), float("inf")))
@@ -433,32 +451,7 @@ def build_report(run: Run) -> str:
         if summ:
             s = {k: v for k, v in summ[-1].items() if k not in ("time", "step", "kind")}
             lines.append(f"- **{step}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.items()))
-    evals = [m for m in metrics if m.get("step") == "train" and m.get("kind") == "eval"]
-    if evals:
-        lines += ["", "## Training", "", "| epoch | train loss | val MAE | val SMAPE | "
-                  "SMAPE same-as-this-week | SMAPE roll_mean_4 | vs better baseline |",
-                  "|---|---|---|---|---|---|---|"]
-        losses = {}
-        for m in metrics:
-            if m.get("step") == "train" and m.get("kind") == "train":
-                losses[m.get("epoch")] = m.get("loss")
-        for e in evals:
-            lines.append(
-                f"| {e.get('epoch')} | {_fmt(losses.get(e.get('epoch')))} | {_fmt(e.get('val_mae'))}"
-                f" | {_fmt(e.get('val_smape'))} | {_fmt(e.get('baseline_same_smape'))} | "
-                f"{_fmt(e.get('baseline_roll4_smape'))} | {_fmt(e.get('improvement_pct'))}% |")
-        best = min(evals, key=lambda e: e.get("val_smape", float("inf")))
-        base = min(best.get("baseline_same_smape", 1e9), best.get("baseline_roll4_smape", 1e9))
-        pct = _num(best.get("improvement_pct"), float("nan"))
-        margin = (f"{_fmt(pct)}% better" if pct > 0
-                  else f"{_fmt(-pct)}% WORSE: the model loses to the baseline" if pct <= 0
-                  else "no valid score")
-        lines += ["", f"Best epoch {best.get('epoch')}: validation SMAPE "
-                  f"{_fmt(best.get('val_smape'))} vs {_fmt(base)} for the better naive baseline, "
-                  f"{margin}."]
-        ckpt = run.layout.train / "checkpoints" / "best.pt"
-        if ckpt.exists():
-            lines.append(f"Best checkpoint: {ckpt}")
+    lines += _training_section(run, metrics)
     if run.layout.predictions.exists():
         lines.append(f"Predictions: {run.layout.predictions}")
     diags = diagnose(run)
@@ -471,6 +464,123 @@ def build_report(run: Run) -> str:
         lines += [f"- **{d.step}: {d.problem}**", f"  - evidence: `{d.evidence[:600]}`",
                   f"  - next: {d.action}"]
     return "\n".join(lines) + "\n"
+
+
+#: Names of the baselines in the report.
+_BASELINE_NAMES = {"same_week": "same as this week", "roll_mean_4": "roll_mean_4",
+                   "roll_mean_12": "roll_mean_12",
+                   "roll_mean_4_poisson": "roll_mean_4, SMAPE-optimal Poisson count",
+                   "lightgbm": "LightGBM (L1 on log1p)",
+                   "lightgbm_poisson": "LightGBM (Poisson, SMAPE-optimal count)"}
+
+
+def _training_section(run: Run, metrics: list[dict[str, Any]]) -> list[str]:
+    """The headline (a loss said first), the per-epoch table and, for runs that wrote it, the
+    model next to every baseline and the floor on the same validation rows, in whole counts."""
+    evals = [m for m in metrics if m.get("step") == "train" and m.get("kind") == "eval"]
+    if not evals:
+        return []
+    summaries = [m for m in metrics if m.get("step") == "train" and m.get("kind") == "summary"]
+    summ = summaries[-1] if summaries and isinstance(summaries[-1].get("baselines"), dict) \
+        else None
+    lines = ["", "## Training", ""]
+    if summ is None:  # a run from before the inner split and the whole-count baselines
+        lines += [_old_headline(evals)]
+    else:
+        lines += [_headline(summ)]
+    losses = {}
+    for m in metrics:
+        if m.get("step") == "train" and m.get("kind") == "train":
+            losses[m.get("epoch")] = m.get("loss")
+    inner = any("inner_smape" in e for e in evals)
+    lines += ["", "| epoch | train loss | " + ("inner SMAPE (chooses) | " if inner else "")
+              + "val MAE | val SMAPE | SMAPE same-as-this-week | SMAPE roll_mean_4 | "
+              "vs strongest naive |", "|---|---|" + ("---|" if inner else "") + "---|---|---|---|---|"]
+    for e in evals:
+        lines.append(
+            f"| {e.get('epoch')} | {_fmt(losses.get(e.get('epoch')))} | "
+            + (f"{_fmt(e.get('inner_smape'))} | " if inner else "")
+            + f"{_fmt(e.get('val_mae'))} | {_fmt(e.get('val_smape'))} | "
+            f"{_fmt(e.get('baseline_same_smape'))} | {_fmt(e.get('baseline_roll4_smape'))} | "
+            f"{_fmt(e.get('improvement_pct'))}% |")
+    if summ is not None:
+        lines += _scores_table(summ)
+    ckpt = run.layout.train / "checkpoints" / "best.pt"
+    if ckpt.exists():
+        lines.append(f"Best checkpoint: {ckpt}")
+    return lines
+
+
+def _headline(summ: dict[str, Any]) -> str:
+    """"validation SMAPE X vs Y for the strongest baseline (<name>, whole counts): Z% better",
+    or, when any baseline (LightGBM included) is at least as good, that the model loses."""
+    model = _num(summ.get("best_val_smape"), float("nan"))
+    naive = str(summ.get("strongest_baseline"))
+    naive_smape = _num(summ.get("best_baseline_smape"), float("nan"))
+    pct = _num(summ.get("improvement_pct"), float("nan"))
+    chosen = (f"epoch {summ.get('best_epoch')}, chosen on the {summ.get('inner_weeks')} inner "
+              "weeks held out of training")
+    losers = _beaten_by(summ)
+    if losers:
+        name, smape = losers[0]
+        return (f"**The model loses to {_BASELINE_NAMES.get(name, name)}**: validation SMAPE "
+                f"{_fmt(model)} vs {_fmt(smape)} (whole counts; "
+                f"{_fmt(100 * (model - smape) / smape)}% worse; {len(losers)} baseline(s) at "
+                f"least as good). Strongest naive baseline: {_BASELINE_NAMES.get(naive, naive)} "
+                f"{_fmt(naive_smape)}. ({chosen})")
+    head = (f"Validation SMAPE {_fmt(model)} vs {_fmt(naive_smape)} for the strongest baseline "
+            f"({_BASELINE_NAMES.get(naive, naive)}, whole counts): {_fmt(pct)}% better ({chosen})")
+    lgb = (summ.get("baselines") or {}).get("lightgbm_poisson")
+    if isinstance(lgb, dict):
+        head += f"; LightGBM (Poisson) {_fmt(lgb.get('smape'))}"
+    return head + "."
+
+
+def _beaten_by(summ: dict[str, Any]) -> list[tuple[str, float]]:
+    """Baselines whose validation SMAPE is at most the model's, best first."""
+    model = _num(summ.get("best_val_smape"), float("nan"))
+    out = [(name, _num(s.get("smape"), float("inf")))
+           for name, s in (summ.get("baselines") or {}).items() if isinstance(s, dict)]
+    return sorted([(n, v) for n, v in out if not model < v], key=lambda nv: nv[1])
+
+
+def _scores_table(summ: dict[str, Any]) -> list[str]:
+    rows = [("model (best epoch)", summ.get("model"))]
+    rows += [(_BASELINE_NAMES.get(k, k), v) for k, v in (summ.get("baselines") or {}).items()]
+    if isinstance(summ.get("floor"), dict):
+        rows.append(("floor: generator's expected count", summ["floor"]))
+    first = next((v for _, v in rows if isinstance(v, dict)), {}) or {}
+    lines = ["", f"Validation rows ({first.get('rows', '?')}, "
+             f"{_fmt(100 * _num(first.get('zero_share'), float('nan')))}% with target 0), every "
+             "forecast a whole count:", "",
+             "| forecast | SMAPE | SMAPE target=0 | SMAPE target>0 | MAE | MAE log1p | "
+             "RMSE log1p |", "|---|---|---|---|---|---|---|"]
+    for name, s in rows:
+        if isinstance(s, dict):
+            lines.append(f"| {name} | {_fmt(s.get('smape'))} | {_fmt(s.get('smape_zero'))} | "
+                         f"{_fmt(s.get('smape_nonzero'))} | {_fmt(s.get('mae'))} | "
+                         f"{_fmt(s.get('mae_log1p'))} | {_fmt(s.get('rmse_log1p'))} |")
+    lines.append("")
+    gap = summ.get("gap_closed_pct")
+    if isinstance(gap, (int, float)):
+        lines.append(f"Of the gap from rounded roll_mean_4 to the floor, the model closes "
+                     f"{_fmt(float(gap))}%.")
+    for note in summ.get("eval_notes") or []:
+        lines.append(f"Note: {note}.")
+    return lines
+
+
+def _old_headline(evals: list[dict[str, Any]]) -> str:
+    best = min(evals, key=lambda e: _num(e.get("val_smape"), float("inf")))
+    base = min(_num(best.get("baseline_same_smape"), 1e9),
+               _num(best.get("baseline_roll4_smape"), 1e9))
+    pct = _num(best.get("improvement_pct"), float("nan"))
+    margin = (f"{_fmt(pct)}% better" if pct > 0
+              else f"{_fmt(-pct)}% WORSE: the model loses to the baseline" if pct <= 0
+              else "no valid score")
+    return (f"Best epoch {best.get('epoch')}: validation SMAPE {_fmt(best.get('val_smape'))} "
+            f"vs {_fmt(base)} for the better naive baseline (not rounded to whole counts, and "
+            f"the epoch chosen on these rows: a run of an older hpcpipe), {margin}.")
 
 
 def _fmt(v: Any) -> str:

@@ -67,7 +67,9 @@ class Rows:
     numeric: np.ndarray  # (N, F) float32, log1p applied, not yet standardised
     n_reviews: np.ndarray  # (N,) float64, for the "same as this week" baseline
     roll_mean_4: np.ndarray  # (N,) float64, for the 4-week-mean baseline
+    roll_mean_12: np.ndarray  # (N,) float64, for the 12-week-mean baseline
     target: np.ndarray  # (N,) float64, NaN where unknown (prediction rows)
+    category: np.ndarray | None = None  # (P,) main_category per product ("" if none), object
 
     def __len__(self) -> int:
         return len(self.product)
@@ -115,8 +117,9 @@ def load_rows(layout: RunLayout) -> Rows:
     prod = pq.read_table(products_path, columns=["parent_asin", "title", "main_category"])
     prod = prod.filter(pc.is_valid(prod["parent_asin"]))
     asins = prod["parent_asin"].to_pylist()
-    texts = [product_text(t, c) for t, c in zip(prod["title"].to_pylist(),
-                                                 prod["main_category"].to_pylist(), strict=True)]
+    categories = ["" if c is None else str(c) for c in prod["main_category"].to_pylist()]
+    texts = [product_text(t, c) for t, c in zip(prod["title"].to_pylist(), categories,
+                                                 strict=True)]
     index = pc.index_in(feats["parent_asin"], value_set=prod["parent_asin"])
     if index.null_count:
         # Products with reviews but no metadata: learn from their numbers with an empty text.
@@ -125,6 +128,7 @@ def load_rows(layout: RunLayout) -> Rows:
                     len(unknown))
         asins += unknown
         texts += [""] * len(unknown)
+        categories += [""] * len(unknown)
         index = pc.index_in(feats["parent_asin"], value_set=pa.array(asins, pa.string()))
 
     week = feats["week"].to_numpy(zero_copy_only=False).astype("datetime64[D]")
@@ -140,7 +144,9 @@ def load_rows(layout: RunLayout) -> Rows:
         numeric=_numeric_features(feats, week),
         n_reviews=f64("n_reviews"),
         roll_mean_4=np.nan_to_num(f64("roll_mean_4"), nan=0.0),
+        roll_mean_12=np.nan_to_num(f64("roll_mean_12"), nan=0.0),
         target=f64("target_next_n"),
+        category=np.array(categories, dtype=object),
     )
 
 
@@ -164,22 +170,40 @@ def _numeric_features(feats: Any, week: np.ndarray) -> np.ndarray:
 
 @dataclass
 class Split:
-    """Row indices of each part and the weeks that bound them."""
+    """Row indices of each part and the weeks that bound them.
+
+    ``train`` is every training week (normalisation statistics, LightGBM's rows); the model
+    learns from ``fit``, its first weeks, and the best epoch is chosen on ``inner``, the last
+    ``inner_weeks`` training weeks, held out: the validation weeks are only ever reported.
+    """
 
     train: np.ndarray
     val: np.ndarray
     last_week: np.datetime64
     val_start: np.datetime64
     train_start: np.datetime64 | None
+    fit: np.ndarray
+    inner: np.ndarray
+    inner_start: np.datetime64
+    inner_weeks: int
 
     def describe(self) -> dict[str, Any]:
         return {"train_rows": len(self.train), "val_rows": len(self.val),
                 "last_week": str(self.last_week), "val_start": str(self.val_start),
-                "train_start": None if self.train_start is None else str(self.train_start)}
+                "train_start": None if self.train_start is None else str(self.train_start),
+                "fit_rows": len(self.fit), "inner_rows": len(self.inner),
+                "inner_start": str(self.inner_start), "inner_weeks": self.inner_weeks}
+
+
+def inner_weeks_for(val_weeks: int, train_weeks: int) -> int:
+    """Weeks held out at the end of the training weeks to choose the epoch on: as many as the
+    validation weeks (the same horizon), but at most a quarter of the training weeks."""
+    return max(1, min(val_weeks, train_weeks // 4))
 
 
 def split_by_time(rows: Rows, val_weeks: int, train_weeks: int = 0) -> Split:
-    """Validation: the ``val_weeks`` weeks before the last week; training: the weeks before."""
+    """Validation: the ``val_weeks`` weeks before the last week; training: the weeks before,
+    the last of which (:func:`inner_weeks_for`) are held out to choose the epoch on."""
     last_week = rows.week.max()
     val_start = last_week - np.timedelta64(7 * val_weeks, "D")
     known = ~np.isnan(rows.target)
@@ -189,10 +213,16 @@ def split_by_time(rows: Rows, val_weeks: int, train_weeks: int = 0) -> Split:
         train_start = val_start - np.timedelta64(7 * train_weeks, "D")
         train &= rows.week >= train_start
     val = known & (rows.week >= val_start)
-    out = Split(np.flatnonzero(train), np.flatnonzero(val), last_week, val_start, train_start)
-    if len(out.train) == 0 or len(out.val) == 0:
+    n_train_weeks = len(np.unique(rows.week[train]))
+    inner_weeks = inner_weeks_for(val_weeks, n_train_weeks)
+    inner_start = val_start - np.timedelta64(7 * inner_weeks, "D")
+    inner = train & (rows.week >= inner_start)
+    out = Split(np.flatnonzero(train), np.flatnonzero(val), last_week, val_start, train_start,
+                np.flatnonzero(train & ~inner), np.flatnonzero(inner), inner_start, inner_weeks)
+    if len(out.fit) == 0 or len(out.inner) == 0 or len(out.val) == 0:
         raise InputError(
-            f"time split leaves {len(out.train)} training and {len(out.val)} validation rows "
+            f"time split leaves {len(out.fit)} training rows, {len(out.inner)} held out to "
+            f"choose the epoch on and {len(out.val)} validation rows "
             f"(weeks {rows.week.min()} to {last_week}, train.val_weeks={val_weeks}, "
             f"train.train_weeks={train_weeks}); lower train.val_weeks or provide more weeks")
     return out

@@ -47,7 +47,7 @@ from hpcpipe.files import write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.runtime.env import JobEnvironment
-from hpcpipe.steps.train import checkpoint, data, dist, predict
+from hpcpipe.steps.train import checkpoint, data, dist, evaluate, predict
 from hpcpipe.steps.train.model import (
     Forecaster,
     autocast,
@@ -137,11 +137,11 @@ class TrainRecipe:
     norm: data.Normalizer
     folder: Path
     tokens: data.Tokens
-    val_baselines: dict[str, float]
-    baseline_smape: float
+    table: dict[str, Any]  # baselines and floor on the validation rows (rank 0; {} elsewhere)
     sampler: data.ResumableSampler
     loader: DataLoader
     val_loader: DataLoader
+    inner_loader: DataLoader
     steps_per_epoch: int
     model: Forecaster
     net: torch.nn.Module  # the model, or DDP around it: what the training step calls
@@ -157,7 +157,9 @@ class TrainRecipe:
         self.job, self.signals = job, signals
         # Progress: restored by load_checkpoint, saved by save_checkpoint.
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
-        self.best: dict[str, Any] = {"val_smape": math.inf, "epoch": None}
+        # The epoch is chosen on the inner weeks (held out of the training weeks), never on the
+        # validation weeks it is reported on.
+        self.best: dict[str, Any] = {"inner_smape": math.inf, "epoch": None}
         self.interval = Interval()
         self._resumed_interval: list[float] | None = None  # for the first epoch after a resume
         # Throughput over the logged intervals of this start, for the summary.
@@ -207,21 +209,26 @@ class TrainRecipe:
         self.folder = model_dir(t.model)
         self.tokens = data.token_cache(self.layout.train, self.folder, rows, t.max_length,
                                        self.main, self.barrier)
-        self.val_baselines = predict.baselines(rows, split.val)
-        self.baseline_smape = min(self.val_baselines["baseline_same_smape"],
-                                  self.val_baselines["baseline_roll4_smape"])
+        self.table = {}
+        if self.main:  # LightGBM takes seconds on the local sample: once, on rank 0
+            self.table = evaluate.baseline_table(
+                rows, split, self.layout.raw, synthetic=not self.cfg.data.reviews, seed=t.seed,
+                threads=max(1, torch.get_num_threads()))
 
         numeric = self.norm.transform(rows.numeric)
         # A frozen encoder's output is looked up per product on the device: no tokens in batches.
         batch_tokens = None if t.freeze_encoder else self.tokens
-        train_ds = data.ForecastDataset(split.train, numeric, rows.target, rows.product,
+        train_ds = data.ForecastDataset(split.fit, numeric, rows.target, rows.product,
                                         batch_tokens)
-        val_ds = data.ForecastDataset(split.val[world.rank::world.world_size], numeric,
-                                      rows.target, rows.product, batch_tokens, with_rows=True)
+        val_ds, inner_ds = (data.ForecastDataset(index[world.rank::world.world_size], numeric,
+                                                 rows.target, rows.product, batch_tokens,
+                                                 with_rows=True)
+                            for index in (split.val, split.inner))
         cuda = self.device.type == "cuda"
         self.sampler = data.ResumableSampler(train_ds, world.world_size, world.rank, t.seed)
         self.loader = data.train_loader(train_ds, self.sampler, t.batch_size, t.num_workers, cuda)
         self.val_loader = data.eval_loader(val_ds, 4 * t.batch_size, 0, cuda)
+        self.inner_loader = data.eval_loader(inner_ds, 4 * t.batch_size, 0, cuda)
         steps = len(train_ds) // world.world_size // t.batch_size // t.grad_accum
         self.steps_per_epoch = min(steps, t.max_steps_per_epoch or steps)
         if self.steps_per_epoch == 0:
@@ -301,7 +308,8 @@ class TrainRecipe:
             "max_steps_per_epoch": t.max_steps_per_epoch, "lr": t.lr, "encoder_lr": t.encoder_lr,
             "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
             "grad_clip": t.grad_clip, "precision": t.precision, "val_weeks": t.val_weeks,
-            "train_weeks": t.train_weeks, "seed": t.seed}}
+            "train_weeks": t.train_weeks, "inner_weeks": self.split.inner_weeks,
+            "seed": t.seed}}
 
     def _check_computed_from(self, saved: dict[str, Any] | None) -> None:
         """Refuse to continue a checkpoint of other data or settings, saying what changed."""
@@ -574,43 +582,81 @@ class TrainRecipe:
     # ---- evaluation and predictions -------------------------------------------------------
 
     def evaluate(self) -> None:
-        """Validation SMAPE and MAE over every rank's share; ``best.pt`` when SMAPE improves."""
-        row_ids, log_pred = predict.predict_log(self.model, self.val_loader, self.device,
-                                                self.amp_dtype)
-        counts, true = predict.to_counts(log_pred), self.rows.target[row_ids]
-        abs_err, smape_sum, n, bad = dist.all_reduce_sum(self.world, [
-            float(np.abs(counts - true).sum()), float(predict.smape_terms(counts, true).sum()),
-            float(len(true)), float((~np.isfinite(log_pred)).sum())])
-        val_smape, val_mae = smape_sum / n, abs_err / n
-        if bad or not (math.isfinite(val_smape) and math.isfinite(val_mae)):
-            # On every rank (the sums are the job's): no score, no eval record, no best.pt.
-            raise DivergedError(
-                f"training diverged: validation forecasts are not finite at epoch {self.epoch} "
-                f"({int(bad)} of {int(n)} are NaN or infinite; val SMAPE {val_smape}, MAE "
-                f"{val_mae}): the model's weights give no usable forecast. {self._advice()}")
-        improvement = 100.0 * (self.baseline_smape - val_smape) / self.baseline_smape
+        """Score the epoch on the inner weeks (which choose ``best.pt``) and on the validation
+        weeks (reported only), over every rank's share, in whole counts."""
+        val = self._score(self.val_loader, "validation")
+        inner = self._score(self.inner_loader, "inner-week (held out of training)")
         if self.main:
-            self.metrics.write("eval", epoch=self.epoch, val_mae=val_mae, val_smape=val_smape,
-                               **self.val_baselines, improvement_pct=improvement)
-            log.info("epoch %d: val SMAPE %.4f (best baseline %.4f, %+.1f%%), val MAE %.3f",
-                     self.epoch, val_smape, self.baseline_smape, improvement, val_mae)
-        if val_smape < self.best["val_smape"]:
-            self.best = {"val_smape": val_smape, "epoch": self.epoch, "val_mae": val_mae,
-                         "improvement_pct": improvement}
+            record = self._eval_record(inner, val)
+            self.metrics.write("eval", **record)
+            log.info("epoch %d: inner SMAPE %.4f (chooses the epoch); val SMAPE %.4f (strongest "
+                     "naive baseline %s %.4f, %+.1f%%), val MAE %.3f", self.epoch,
+                     inner["smape"], val["smape"], record["strongest_baseline"],
+                     record["strongest_baseline_smape"], record["improvement_pct"],
+                     val["mae"])
+        if inner["smape"] < self.best.get("inner_smape", math.inf):
+            self.best = {"inner_smape": inner["smape"], "epoch": self.epoch,
+                         "val_smape": val["smape"], "val": val}
             if self.main:
                 self._save_best()
 
+    def _score(self, loader: DataLoader, what: str) -> dict[str, float]:
+        """:func:`evaluate.scores` of the model's whole-count forecasts of ``loader``'s rows
+        (all ranks' shares: one all-reduce); a forecast that is not finite is divergence."""
+        row_ids, log_pred = predict.predict_log(self.model, loader, self.device, self.amp_dtype)
+        sums = dist.all_reduce_sum(self.world, [
+            *evaluate.score_sums(predict.to_counts(log_pred), self.rows.target[row_ids]),
+            float((~np.isfinite(log_pred)).sum())])
+        bad, got = sums[-1], evaluate.scores_from_sums(sums[:-1])
+        if bad or not (math.isfinite(got["smape"]) and math.isfinite(got["mae"])):
+            # On every rank (the sums are the job's): no score, no eval record, no best.pt.
+            raise DivergedError(
+                f"training diverged: {what} forecasts are not finite at epoch {self.epoch} "
+                f"({int(bad)} of {got['rows']} are NaN or infinite; SMAPE {got['smape']}, MAE "
+                f"{got['mae']}): the model's weights give no usable forecast. {self._advice()}")
+        return got
+
+    def _eval_record(self, inner: dict[str, float], val: dict[str, float]) -> dict[str, Any]:
+        """The epoch's ``eval`` metrics: inner and validation scores, and the naive baselines
+        (whole counts) with the margin over the strongest."""
+        base = self.table["baselines"]
+        name, smape = evaluate.strongest(base, evaluate.NAIVE)
+        return {
+            "epoch": self.epoch, "inner_smape": inner["smape"], "inner_rows": inner["rows"],
+            "val_smape": val["smape"], "val_mae": val["mae"],
+            "val_smape_zero": val["smape_zero"], "val_smape_nonzero": val["smape_nonzero"],
+            "val_mae_log1p": val["mae_log1p"], "val_rmse_log1p": val["rmse_log1p"],
+            "baseline_same_smape": base["same_week"]["smape"],
+            "baseline_same_mae": base["same_week"]["mae"],
+            "baseline_roll4_smape": base["roll_mean_4"]["smape"],
+            "baseline_roll4_mae": base["roll_mean_4"]["mae"],
+            "baselines_whole_counts": True, "strongest_baseline": name,
+            "strongest_baseline_smape": smape,
+            "improvement_pct": evaluate.improvement_pct(val["smape"], smape),
+        }
+
     def summarize(self) -> dict[str, Any] | None:
         """Rank 0 writes the best model's predictions and the summary record (returned; None
-        on other ranks)."""
+        on other ranks): the best epoch (chosen on the inner weeks), its validation scores next
+        to every baseline's and the floor's, and the margins."""
         if self.main:
             best_model, best_state = predict.load_best(self.layout.train, self.device)
             predict.predict_latest(self.layout, self.rows, best_model, best_state, self.device,
                                    self.t.precision)
+            table, val = self.table, self.best["val"]
+            naive, naive_smape = evaluate.strongest(table["baselines"], evaluate.NAIVE)
+            every, every_smape = evaluate.strongest(table["baselines"])
             self.summary = self.metrics.write(
-                "summary", best_epoch=self.best["epoch"], best_val_smape=self.best["val_smape"],
-                best_baseline_smape=self.baseline_smape,
-                improvement_pct=self.best.get("improvement_pct"),
+                "summary", best_epoch=self.best["epoch"], epoch_chosen_on="inner weeks",
+                inner_weeks=self.split.inner_weeks, inner_start=str(self.split.inner_start),
+                best_inner_smape=self.best["inner_smape"], best_val_smape=val["smape"],
+                best_baseline_smape=naive_smape, strongest_baseline=naive,
+                improvement_pct=evaluate.improvement_pct(val["smape"], naive_smape),
+                strongest_any=every, strongest_any_smape=every_smape,
+                improvement_vs_any_pct=evaluate.improvement_pct(val["smape"], every_smape),
+                model=val, baselines=table["baselines"], floor=table["floor"],
+                gap_closed_pct=evaluate.gap_closed_pct(val["smape"], table),
+                eval_notes=table["notes"], eval_seconds=table["seconds"],
                 checkpoint=str(checkpoint.best_path(self.layout.train)),
                 samples_per_s=(self.samples_logged / self.seconds_logged
                                if self.seconds_logged else None),
