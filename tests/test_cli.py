@@ -171,7 +171,8 @@ def _named_commands(text: str, code_lines: bool = False) -> set[str]:
     README) a command line in a code block."""
     found = set(re.findall(r"`hpcpipe ([a-z][a-z-]*)", text))
     if code_lines:
-        found |= set(re.findall(r"^\s*(?:\$ )?hpcpipe ([a-z][a-z-]*)", text, re.M))
+        for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, re.M | re.S):
+            found |= set(re.findall(r"^\s*(?:\$ )?hpcpipe ([a-z][a-z-]*)", block, re.M))
     return found
 
 
