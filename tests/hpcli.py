@@ -51,3 +51,12 @@ def wait_for(cwd: Path, cond: Callable[[dict[str, dict]], bool], timeout: float,
                                  + (log.read_text()[-4000:] if log.exists() else "(no log)"))
         time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}; last states {seen[-3:]}")
+
+
+def job_problems(report: str) -> list[str]:
+    """The diagnoses of a summarize report that concern the jobs, leaving out the model's quality
+    (a tiny test model may well lose to the naive baselines, and the report rightly says so)."""
+    diagnosis = report.split("## Diagnosis", 1)[-1]
+    found = [ln for ln in diagnosis.splitlines() if ln.startswith("- **")]
+    return [ln for ln in found if "does not beat the naive baseline" not in ln
+            and "The model loses" not in ln]
