@@ -233,3 +233,23 @@ def test_a_real_time_limit_requeues_until_done_with_the_uninterrupted_result(
 
     completed(uninterrupted[1])
     assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
+
+
+def test_train_ranks_never_need_scontrol(tmp_path: Path, tiny_model: Path) -> None:
+    """Inside a container (enroot/pyxis, Apptainer) Slurm's commands are usually missing: the
+    ranks find the rendezvous host from the node list expanded in Python. Here `scontrol` on the
+    ranks' PATH fails and records that it was called; 2 ranks on 2 nodes train to the end."""
+    shim = tmp_path / "no-slurm-commands"
+    shim.mkdir()
+    called = tmp_path / "scontrol-called"
+    (shim / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {called}\n"
+                                   "echo 'scontrol: command not found' >&2\nexit 127\n")
+    (shim / "scontrol").chmod(0o755)
+    work = tmp_path / "work"
+    submit(work, tiny_model, 2, 1, "--set", f"slurm.setup=[\"export PATH={shim}:$PATH\"]",
+           "--set", "train.epochs=1", "--set", "train.max_steps_per_epoch=5")
+    rows = completed(work)
+    assert rows["train"]["nodes"] in ("n[1-2]", "n1,n2"), rows["train"]
+    log = hp(work, "logs", "train").stdout
+    assert "rank 0/2 joins gloo process group at" in log, log[-2000:]
+    assert not called.exists(), called.read_text()
