@@ -28,6 +28,7 @@ from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.steps.train import checkpoint, data
+from hpcpipe.steps.train.evaluate import smape_terms
 from hpcpipe.steps.train.model import (
     Forecaster,
     autocast,
@@ -40,39 +41,11 @@ from hpcpipe.steps.train.stop import DivergedError
 log = logging.getLogger(__name__)
 
 
-def smape_terms(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Per-row 2|p-y|/(|p|+|y|), defined as 0 where both are 0, and NaN where either is not a
-    finite number: a NaN forecast has no score, and must never pass for a perfect one."""
-    pred = np.asarray(pred, dtype=np.float64)
-    true = np.asarray(true, dtype=np.float64)
-    denom = np.abs(pred) + np.abs(true)
-    out = np.zeros_like(denom)
-    nz = denom > 0
-    out[nz] = 2.0 * np.abs(pred[nz] - true[nz]) / denom[nz]
-    out[~(np.isfinite(pred) & np.isfinite(true))] = np.nan
-    return out
-
-
 def smape(pred: np.ndarray, true: np.ndarray) -> float:
     """Mean symmetric absolute percentage error on counts (0 for an empty input; NaN when any
     forecast or value is not finite)."""
     terms = smape_terms(pred, true)
     return float(terms.mean()) if len(terms) else 0.0
-
-
-def baselines(rows: data.Rows, index: np.ndarray) -> dict[str, float]:
-    """Scores of the naive forecasts on rows ``index``: this week's count, the 4-week mean."""
-    y = rows.target[index]
-    same, roll4 = rows.n_reviews[index], rows.roll_mean_4[index]
-    return {
-        "baseline_same_mae": float(np.abs(same - y).mean()),
-        "baseline_same_smape": smape(same, y),
-        "baseline_roll4_mae": float(np.abs(roll4 - y).mean()),
-        "baseline_roll4_smape": smape(roll4, y),
-        # Not one of the two baselines of the contract; shown so that the gain from forecasting
-        # whole counts can be told apart from the gain from the model.
-        "baseline_roll4_rounded_smape": smape(np.rint(roll4), y),
-    }
 
 
 def to_counts(log_pred: np.ndarray) -> np.ndarray:
