@@ -31,7 +31,8 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     (Path(site) / "zz_outer_site.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+    subprocess.run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed",
+                    str(wheel)],
                    check=True)
     return env_dir
 
@@ -72,3 +73,20 @@ def test_submit_local_wait_from_an_unrelated_folder_completes(venv: Path, tmp_pa
     assert f"{venv}/bin/python -u -m hpcpipe.jobs.train" in script
     # The shipped local config was used, not the cluster defaults.
     assert "num_workers: 1" in (run_dir / "config.yaml").read_text()
+
+
+def test_a_job_started_in_the_clone_it_was_installed_from_finds_its_entry(venv: Path) -> None:
+    """Slurm starts a job in the folder it was submitted from. Submitted from the clone the wheel
+    was built from, `python -m hpcpipe.jobs.<step>` imports hpcpipe from the clone (the working
+    folder comes first), whose jobs/ and sbatch/ sit beside the package, not in it: `make run`
+    after `pip install .` failed with "No module named 'hpcpipe.jobs'"."""
+    code = ("import hpcpipe, hpcpipe.jobs.ingest, importlib.resources as r\n"
+            "print(hpcpipe.__file__)\n"
+            "print(sorted(p.name for p in r.files('hpcpipe.sbatch').iterdir()"
+            " if p.name.endswith('.sbatch')))\n")
+    out = subprocess.run([venv / "bin" / "python", "-c", code], cwd=REPO, env=_env(),
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == str(REPO / "hpcpipe" / "__init__.py")  # the clone's, as Python picks it
+    assert lines[1] == "['features.sbatch', 'ingest.sbatch', 'train.sbatch']"
