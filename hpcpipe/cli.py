@@ -437,12 +437,25 @@ def data() -> None:
 @click.option("--products", type=click.IntRange(min=1), help="Number of products (default ~N/80).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl.gz", "jsonl", "parquet"]),
               default="jsonl.gz", show_default=True, help="File format.")
-def synth(reviews: int, out: Path, seed: int, products: int | None, fmt: str) -> None:
+@click.option("--files", type=click.IntRange(min=1, max=16), default=1, show_default=True,
+              help="Reviews files, split by category like Amazon Reviews'23's per-category files.")
+@click.option("--sizes", type=click.Choice(["realistic", "compact"]), default="realistic",
+              show_default=True,
+              help="realistic: ~53-word texts with a long tail, image lists, full metadata; "
+              "compact: short texts, as the pipeline's own sample.")
+def synth(reviews: int, out: Path, seed: int, products: int | None, fmt: str, files: int,
+          sizes: str) -> None:
     """Write a synthetic data set in the Amazon Reviews'23 layout: categories in the product
-    titles, seasonality by category, launch/decay curves, Zipf popularity. Deterministic."""
+    titles, seasonality by category, launch/decay curves, Zipf popularity. Deterministic.
+
+    Example:
+
+        hpcpipe data synth --reviews 1000000 --files 4 --out data/synth
+    """
     from hpcpipe.steps.synth import write_synthetic
 
-    result = write_synthetic(out, reviews, seed=seed, n_products=products, fmt=fmt)
+    result = write_synthetic(out, reviews, seed=seed, n_products=products, fmt=fmt, files=files,
+                             sizes=sizes)
     click.echo(json.dumps(result, indent=2, default=str))
 
 

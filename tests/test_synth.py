@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 
+import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
@@ -73,3 +74,50 @@ def test_seasonality_is_learnable(tmp_path):
 def test_unknown_format_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown format"):
         write_synthetic(tmp_path, 10, fmt="csv")
+
+
+def test_realistic_sizes_match_the_published_means_with_a_long_tail(tmp_path):
+    """Amazon Reviews'23: 30.14B review tokens over 571.54M reviews, ~53 per review."""
+    info = write_synthetic(tmp_path, 40_000, seed=2, sizes="realistic")
+    rows = _read_jsonl_gz(info["reviews"])
+    words = np.array([len(r["text"].split()) for r in rows if r["text"] is not None])
+    assert 50 <= words.mean() <= 56, words.mean()
+    assert np.percentile(words, 99) > 4 * words.mean() and words.max() > 500  # the long tail
+    assert 3 <= np.mean([len(r["title"].split()) for r in rows]) <= 5
+    with_images = [r["images"] for r in rows if r["images"]]
+    assert 0.06 <= len(with_images) / len(rows) <= 0.10
+    assert set(with_images[0][0]) == {"small_image_url", "medium_image_url", "large_image_url",
+                                      "attachment_type"}
+    meta = _read_jsonl_gz(info["metadata"])
+    assert {"features", "description", "images", "details", "price"} <= set(meta[0])
+    assert 3_000 <= np.mean([len(json.dumps(m)) for m in meta]) <= 20_000
+
+
+def test_sizes_and_files_change_no_review_the_generator_draws(tmp_path):
+    """The forecast floor (train/evaluate.py) relies on the products, times and ratings drawn
+    for a seed: realistic sizes and several files must not move them."""
+    compact = write_synthetic(tmp_path / "c", 6_000, seed=4, fmt="parquet")
+    real = write_synthetic(tmp_path / "r", 6_000, seed=4, fmt="parquet", sizes="realistic",
+                           files=3)
+    keys = ["parent_asin", "user_id", "timestamp", "rating", "helpful_vote"]
+    one = pq.read_table(compact["reviews"], columns=keys).to_pandas()
+    parts = [pq.read_table(f, columns=keys).to_pandas() for f in real["reviews_files"]]
+    assert len(real["reviews_files"]) == 3 and all(len(p) for p in parts)
+    both = pd.concat(parts).sort_values(keys).reset_index(drop=True)
+    assert both.equals(one.sort_values(keys).reset_index(drop=True))
+    # Each file holds whole categories: no product in two files.
+    sets = [set(p.parent_asin) for p in parts]
+    assert not (sets[0] & sets[1]) and not (sets[1] & sets[2]) and not (sets[0] & sets[2])
+
+
+def test_realistic_files_are_deterministic_and_split_by_category(tmp_path):
+    a = write_synthetic(tmp_path / "a", 3_000, seed=5, files=2, sizes="realistic")
+    b = write_synthetic(tmp_path / "b", 3_000, seed=5, files=2, sizes="realistic")
+    for fa, fb in zip(a["reviews_files"] + [a["metadata"]], b["reviews_files"] + [b["metadata"]],
+                      strict=True):
+        assert open(fa, "rb").read() == open(fb, "rb").read()
+    assert [p.rsplit("/", 1)[1] for p in a["reviews_files"]] == [
+        "reviews-00-of-02.jsonl.gz", "reviews-01-of-02.jsonl.gz"]
+    assert sum(len(_read_jsonl_gz(f)) for f in a["reviews_files"]) == 3_000
+    with pytest.raises(ValueError, match="one per category"):
+        write_synthetic(tmp_path / "x", 10, files=17)

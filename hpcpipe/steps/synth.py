@@ -11,6 +11,12 @@
 - Reviews from 2018-01-01 to 2023-12-31, helpful votes (heavy tailed), verified purchases, review
   texts of varying length whose words follow the rating, and about 3% null texts.
 
+``sizes="realistic"`` (what ``hpcpipe data synth`` writes) gives texts, titles, image lists and
+metadata records of the published sizes (see :mod:`hpcpipe.steps.synth_sizes`); ``"compact"``
+(the pipeline's own sample) keeps ~10-word texts and no images. ``files=N`` splits the reviews into
+N files by category, like the per-category files of Amazon Reviews'23; the rows are the same as
+in one file. Neither changes which product, time or rating a review gets.
+
 The output depends only on ``seed`` (and the sizes): rows are made in chunks of ~1M with a random
 generator per chunk, so memory stays bounded at any size. JSON lines are built column-wise with
 Arrow string kernels (no per-row ``json.dumps``); gzip is written at level 1 in a background thread.
@@ -19,6 +25,7 @@ Files are written under temporary names and renamed when complete.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import logging
@@ -34,10 +41,13 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from hpcpipe.files import atomic_path
+from hpcpipe.steps import synth_sizes
+from hpcpipe.steps.synth_sizes import ReviewPools
 
 log = logging.getLogger(__name__)
 
 FORMATS: tuple[str, ...] = ("jsonl.gz", "jsonl", "parquet")
+SIZES: tuple[str, ...] = ("compact", "realistic")
 CHUNK_ROWS = 1_000_000
 REVIEWS_PER_PRODUCT = 80
 
@@ -120,18 +130,28 @@ _ALPHABET32 = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567", dtype=np.uint8)
 
 
 def write_synthetic(out_dir: Path, n_reviews: int, seed: int = 0, n_products: int | None = None,
-                    fmt: str = "jsonl.gz") -> dict[str, Any]:
-    """Write ``out_dir/reviews.<fmt>`` and ``out_dir/meta.<fmt>``; return counts and paths.
+                    fmt: str = "jsonl.gz", files: int = 1, sizes: str = "compact"
+                    ) -> dict[str, Any]:
+    """Write the reviews and ``out_dir/meta.<fmt>``; return counts and paths.
 
-    ``n_products`` defaults to ``n_reviews // 80`` (at least 1). The same ``seed`` and sizes give
-    the same rows (and byte-identical jsonl/jsonl.gz files). Returns ``{"reviews": path, "metadata":
-    path, "n_reviews", "n_products", "n_users", "seed", "format", "seconds"}``. Raises ValueError
-    for an unknown ``fmt`` or a non-positive size.
+    One file (``files=1``) is ``out_dir/reviews.<fmt>``; several are
+    ``out_dir/reviews-KK-of-NN.<fmt>``, file k holding the reviews of the categories c with
+    ``c % files == k`` (at most one file per category). ``sizes`` is "compact" or "realistic"
+    (module doc). ``n_products`` defaults to ``n_reviews // 80`` (at least 1). The same ``seed``
+    and sizes give the same rows (and byte-identical jsonl/jsonl.gz files). Returns
+    ``{"reviews": path (one file) , "reviews_files": [paths], "metadata": path, "n_reviews",
+    "n_products", "n_users", "seed", "format", "sizes", "seconds"}``. Raises ValueError for an
+    unknown ``fmt`` or ``sizes``, a non-positive size or a file count above the categories'.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if sizes not in SIZES:
+        raise ValueError(f"unknown sizes {sizes!r}; use one of {', '.join(SIZES)}")
     if n_reviews <= 0:
         raise ValueError(f"n_reviews must be positive, got {n_reviews}")
+    if not 1 <= files <= len(CATEGORIES):
+        raise ValueError(f"files must be between 1 and {len(CATEGORIES)} (one per category at "
+                         f"most), got {files}")
     if n_products is None:
         n_products = max(1, n_reviews // REVIEWS_PER_PRODUCT)
     if n_products <= 0:
@@ -142,19 +162,20 @@ def write_synthetic(out_dir: Path, n_reviews: int, seed: int = 0, n_products: in
     products = _make_products(n_products, n_reviews, seed)
     n_users = max(1, n_reviews // 3)
     texts = _make_texts(seed)
+    pools = (synth_sizes.review_pools(seed, _WORDS, _REVIEW_TITLES)
+             if sizes == "realistic" else None)
 
-    reviews_path = out_dir / f"reviews.{fmt}"
+    paths = ([out_dir / f"reviews.{fmt}"] if files == 1 else
+             [out_dir / f"reviews-{k:02d}-of-{files:02d}.{fmt}" for k in range(files)])
     meta_path = out_dir / f"meta.{fmt}"
     chunks = (_review_chunk(products, texts, n_users, seed, i, min(CHUNK_ROWS, n_reviews - lo))
               for i, lo in enumerate(range(0, n_reviews, CHUNK_ROWS)))
-    with atomic_path(reviews_path) as tmp:
-        if fmt == "parquet":
-            _write_parquet(tmp, chunks, texts)
-        else:
-            _write_jsonl(tmp, (_reviews_to_jsonl(t, texts) for t in chunks), fmt == "jsonl.gz")
+    _write_reviews(paths, fmt, chunks, products, texts, pools)
     meta = _meta_table(products)
     with atomic_path(meta_path) as tmp:
-        if fmt == "parquet":
+        if sizes == "realistic":
+            _write_realistic_meta(tmp, fmt, meta, products, seed)
+        elif fmt == "parquet":
             pq.write_table(meta, tmp, compression="zstd")
         else:
             lines = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in meta.to_pylist())
@@ -162,9 +183,13 @@ def write_synthetic(out_dir: Path, n_reviews: int, seed: int = 0, n_products: in
     seconds = time.perf_counter() - start
     log.info("synthesized %d reviews of %d products into %s in %.1f s (%.0f rows/s)", n_reviews,
              n_products, out_dir, seconds, n_reviews / max(seconds, 1e-9))
-    return {"reviews": str(reviews_path), "metadata": str(meta_path), "n_reviews": n_reviews,
-            "n_products": n_products, "n_users": n_users, "seed": seed, "format": fmt,
-            "seconds": round(seconds, 3)}
+    out: dict[str, Any] = {"reviews_files": [str(p) for p in paths], "metadata": str(meta_path),
+                           "n_reviews": n_reviews, "n_products": n_products, "n_users": n_users,
+                           "seed": seed, "format": fmt, "sizes": sizes,
+                           "seconds": round(seconds, 3)}
+    if files == 1:
+        out["reviews"] = str(paths[0])
+    return out
 
 
 def generator_parameters(n_reviews: int, seed: int = 0,
@@ -340,7 +365,7 @@ def _review_chunk(products: dict[str, Any], texts: dict[int, dict[str, pa.Array]
             "title_idx": title_idx, "text_null": text_null, "user_id": _user_strings(users, seed),
             "asin": asin, "parent_asin": products["parent_asin"].take(prod),
             "helpful_vote": rng.negative_binomial(0.3, 0.5, n).astype(np.int64),
-            "verified_purchase": rng.random(n) < 0.88}
+            "verified_purchase": rng.random(n) < 0.88, "seed": seed, "index": index}
 
 
 def _pooled(texts: dict[int, dict[str, pa.Array]], rating: np.ndarray, idx: np.ndarray,
@@ -351,77 +376,165 @@ def _pooled(texts: dict[int, dict[str, pa.Array]], rating: np.ndarray, idx: np.n
     return pool.take(pa.array((rating - 1) * size + idx % size))
 
 
-def _reviews_table(c: dict[str, Any], text: pa.Array,
-                         texts: dict[int, dict[str, pa.Array]]) -> pa.Table:
-    n = len(text)
-    images = pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)),
-                                      pa.array([], pa.string()))
+def _long_fields(c: dict[str, Any], texts: dict[int, dict[str, pa.Array]],
+                 pools: ReviewPools | None, json_text: bool) -> tuple[pa.Array, pa.Array]:
+    """(text, title) of every row of chunk ``c``, plain or JSON-quoted; text null (or "null")
+    where the chunk says so."""
+    suffix = "_json" if json_text else ""
+    if pools is None:
+        text = _pooled(texts, c["rating"], c["text_idx"], "text" + suffix)
+        title = _pooled(texts, c["rating"], c["title_idx"], "title" + suffix)
+    else:
+        picks = synth_sizes.review_picks(c["seed"], c["index"], len(c["ts"]))
+        text = synth_sizes.pooled(pools.text_json if json_text else pools.text, c["rating"],
+                                  picks.text)
+        title = synth_sizes.pooled(pools.title_json if json_text else pools.title, c["rating"],
+                                   picks.title)
+    null = pa.scalar("null") if json_text else pa.nulls(len(text), pa.string())
+    return pc.if_else(pa.array(c["text_null"]), null, text), title
+
+
+def _images(c: dict[str, Any], pools: ReviewPools | None, json_text: bool) -> pa.Array | str:
+    n = len(c["ts"])
+    if pools is None:
+        if json_text:
+            return "[]"
+        return pa.ListArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)),
+                                        pa.array([], pa.string()))
+    picks = synth_sizes.review_picks(c["seed"], c["index"], n)
+    return (synth_sizes.images_json(pools, picks) if json_text
+            else synth_sizes.images_list(pools, picks))
+
+
+def _reviews_table(c: dict[str, Any], texts: dict[int, dict[str, pa.Array]],
+                   pools: ReviewPools | None) -> pa.Table:
+    text, title = _long_fields(c, texts, pools, json_text=False)
     return pa.table({
         "rating": pa.array(c["rating"].astype(np.float64)),
-        "title": _pooled(texts, c["rating"], c["title_idx"], "title"),
+        "title": title,
         "text": text,
-        "images": images,
+        "images": _images(c, pools, json_text=False),
         "asin": c["asin"], "parent_asin": c["parent_asin"], "user_id": c["user_id"],
         "timestamp": pa.array(c["ts"]), "helpful_vote": pa.array(c["helpful_vote"]),
         "verified_purchase": pa.array(c["verified_purchase"]),
     })
 
 
-def _reviews_to_jsonl(c: dict[str, Any], texts: dict[int, dict[str, pa.Array]]) -> pa.Buffer:
-    """One chunk as JSON lines, built column-wise (every string here needs no escaping except the
-    pooled texts, which are JSON-quoted once up front)."""
-    n = len(c["ts"])
+def _reviews_to_jsonl(c: dict[str, Any], texts: dict[int, dict[str, pa.Array]],
+                      pools: ReviewPools | None) -> pa.Array:
+    """One chunk as JSON lines (one string a row, each ending in a newline), built column-wise
+    (every string here needs no escaping except the pooled ones, which are JSON-quoted once up
+    front)."""
     rating_s = pa.array(["1.0", "2.0", "3.0", "4.0", "5.0"]).take(pa.array(c["rating"] - 1))
-    text_j = _pooled(texts, c["rating"], c["text_idx"], "text_json")
-    text_j = pc.if_else(pa.array(c["text_null"]), pa.scalar("null"), text_j)
-    title_j = _pooled(texts, c["rating"], c["title_idx"], "title_json")
+    text_j, title_j = _long_fields(c, texts, pools, json_text=True)
+    images_j = _images(c, pools, json_text=True)
     verified = pa.array(["false", "true"]).take(pa.array(c["verified_purchase"].astype(np.int8)))
-    lines = pc.binary_join_element_wise(
+    images_part: list[Any] = ([',"images":[],"asin":"'] if isinstance(images_j, str) else
+                              [',"images":', images_j, ',"asin":"'])
+    return pc.binary_join_element_wise(
         '{"rating":', rating_s, ',"title":', title_j, ',"text":', text_j,
-        ',"images":[],"asin":"', c["asin"], '","parent_asin":"', c["parent_asin"],
+        *images_part, c["asin"], '","parent_asin":"', c["parent_asin"],
         '","user_id":"', c["user_id"], '","timestamp":', pa.array(c["ts"]).cast(pa.string()),
         ',"helpful_vote":', pa.array(c["helpful_vote"]).cast(pa.string()),
         ',"verified_purchase":', verified, "}\n", "")
-    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32, count=n + 1, offset=0)
+
+
+def _joined(lines: pa.Array) -> pa.Buffer:
+    """The bytes of a string array's values, back to back."""
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int32, count=len(lines) + 1,
+                            offset=lines.offset * 4)
     return lines.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
 
 
-def _write_parquet(path: Path, chunks: Iterator[dict[str, Any]],
-                   texts: dict[int, dict[str, pa.Array]]) -> None:
-    writer: pq.ParquetWriter | None = None
+def _file_rows(c: dict[str, Any], products: dict[str, Any], n_files: int) -> list[np.ndarray]:
+    """Rows of chunk ``c`` per reviews file: file k has the categories c with c % n_files == k."""
+    if n_files == 1:
+        return [np.arange(len(c["ts"]))]
+    group = products["cat"][c["prod"]] % n_files
+    return [np.flatnonzero(group == k) for k in range(n_files)]
+
+
+def _write_reviews(paths: list[Path], fmt: str, chunks: Iterator[dict[str, Any]],
+                   products: dict[str, Any], texts: dict[int, dict[str, pa.Array]],
+                   pools: ReviewPools | None) -> None:
+    """Every chunk's rows into their file; all files under temporary names until the end."""
+    with contextlib.ExitStack() as stack:
+        tmps = [stack.enter_context(atomic_path(p)) for p in paths]
+        if fmt == "parquet":
+            _write_parquet(tmps, chunks, products, texts, pools)
+        else:
+            _write_jsonl_files(tmps, chunks, products, texts, pools, fmt == "jsonl.gz")
+
+
+def _write_parquet(paths: list[Path], chunks: Iterator[dict[str, Any]],
+                   products: dict[str, Any], texts: dict[int, dict[str, pa.Array]],
+                   pools: ReviewPools | None) -> None:
+    writers: list[pq.ParquetWriter | None] = [None] * len(paths)
     try:
         for c in chunks:
-            table = _reviews_table(c, _null_text(c, texts), texts)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema, compression="zstd")
-            writer.write_table(table, row_group_size=CHUNK_ROWS)
+            table = _reviews_table(c, texts, pools)
+            for k, rows in enumerate(_file_rows(c, products, len(paths))):
+                w = writers[k]
+                if w is None:
+                    w = writers[k] = pq.ParquetWriter(paths[k], table.schema, compression="zstd")
+                w.write_table(table.take(pa.array(rows)), row_group_size=CHUNK_ROWS)
     finally:
-        if writer is not None:
-            writer.close()
+        for k, w in enumerate(writers):
+            if w is None:  # a file without rows still gets the schema
+                w = pq.ParquetWriter(paths[k], _reviews_schema(pools), compression="zstd")
+            w.close()
+
+
+def _reviews_schema(pools: ReviewPools | None) -> pa.Schema:
+    images = synth_sizes.IMAGE_TYPE if pools is not None else pa.list_(pa.string())
+    return pa.schema([("rating", pa.float64()), ("title", pa.string()), ("text", pa.string()),
+                      ("images", images), ("asin", pa.string()), ("parent_asin", pa.string()),
+                      ("user_id", pa.string()), ("timestamp", pa.int64()),
+                      ("helpful_vote", pa.int64()), ("verified_purchase", pa.bool_())])
+
+
+def _write_jsonl_files(paths: list[Path], chunks: Iterator[dict[str, Any]],
+                       products: dict[str, Any], texts: dict[int, dict[str, pa.Array]],
+                       pools: ReviewPools | None, compress: bool) -> None:
+    """Chunks as JSON lines into ``paths`` (gzip level 1 when ``compress``); while one chunk is
+    being compressed and written in a thread, the next one is built."""
+    with contextlib.ExitStack() as stack:
+        outs: list[BinaryIO | gzip.GzipFile] = []
+        for path in paths:
+            raw = stack.enter_context(open(path, "wb"))
+            # No name and mtime 0 in the header: the same seed gives the same bytes.
+            outs.append(stack.enter_context(gzip.GzipFile(
+                filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0))
+                if compress else raw)
+        with ThreadPoolExecutor(1) as pool:
+            pending: Future | None = None
+            for c in chunks:
+                lines = _reviews_to_jsonl(c, texts, pools)
+                blocks = [_joined(lines if len(paths) == 1 else lines.take(pa.array(rows)))
+                          for rows in _file_rows(c, products, len(paths))]
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(_write_blocks, outs, blocks)
+            if pending is not None:
+                pending.result()
+
+
+def _write_blocks(outs: list[BinaryIO | gzip.GzipFile], blocks: list[pa.Buffer]) -> None:
+    for out, block in zip(outs, blocks, strict=True):
+        if block.size:
+            out.write(block)
 
 
 def _write_jsonl(path: Path, blocks: Iterator[Any], compress: bool) -> None:
-    """Write byte blocks to ``path`` (gzip level 1 when ``compress``); while one block is being
-    compressed and written in a thread, the next one is built."""
+    """Write byte blocks to ``path`` (gzip level 1 when ``compress``)."""
     with open(path, "wb") as raw:
         out: BinaryIO | gzip.GzipFile = raw
         if compress:  # no name and mtime 0 in the header: the same seed gives the same bytes
             out = gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=1, mtime=0)
-        with ThreadPoolExecutor(1) as pool:
-            pending: Future | None = None
-            for block in blocks:
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(out.write, block)
-            if pending is not None:
-                pending.result()
+        for block in blocks:
+            out.write(block)
         if compress:
             out.close()
-
-
-def _null_text(c: dict[str, Any], texts: dict[int, dict[str, pa.Array]]) -> pa.Array:
-    text = _pooled(texts, c["rating"], c["text_idx"], "text")
-    return pc.if_else(pa.array(c["text_null"]), pa.nulls(len(text), pa.string()), text)
 
 
 def _meta_table(products: dict[str, Any]) -> pa.Table:
@@ -446,3 +559,58 @@ def _meta_table(products: dict[str, Any]) -> pa.Table:
         "parent_asin": products["parent_asin"],
     })
 
+
+
+def _write_realistic_meta(path: Path, fmt: str, meta: pa.Table, products: dict[str, Any],
+                          seed: int) -> None:
+    """Metadata records of realistic size (:mod:`hpcpipe.steps.synth_sizes`): the compact
+    columns plus features, description, price, images, videos and details."""
+    pools = synth_sizes.meta_pools(seed, [(c[0], c[2]) for c in CATEGORIES])
+    flat = [e for per_cat in pools for e in per_cat]
+    take = pa.array(products["cat"] * synth_sizes.META_PER_CATEGORY
+                    + synth_sizes.meta_picks(seed, products["n"]))
+    price_rng = np.random.default_rng([seed, 14])
+    price = np.round(np.exp(price_rng.normal(3.0, 0.8, products["n"])), 2)
+    no_price = price_rng.random(products["n"]) < 0.3
+    if fmt == "parquet":
+        def column(key: str, typ: pa.DataType) -> pa.Array:
+            return pa.array([e[key] for e in flat], typ).take(take)
+
+        table = pa.table({
+            "main_category": meta.column("main_category"), "title": meta.column("title"),
+            "average_rating": meta.column("average_rating"),
+            "rating_number": meta.column("rating_number"),
+            "features": column("features", pa.list_(pa.string())),
+            "description": column("description", pa.list_(pa.string())),
+            "price": pa.array(price, mask=no_price),
+            "images": column("images", pa.list_(pa.struct([(k, pa.string()) for k in (
+                "thumb", "large", "hi_res", "variant")]))),
+            "videos": pa.array([[]] * products["n"], pa.list_(pa.string())),
+            "store": meta.column("store"), "categories": meta.column("categories"),
+            "details": pa.array([json.dumps(e["details"]) for e in flat], pa.string()).take(take),
+            "parent_asin": meta.column("parent_asin"),
+        })
+        pq.write_table(table, path, compression="zstd")
+        return
+
+    def quoted(values: Any) -> pa.Array:
+        return pa.array([json.dumps(v, separators=(",", ":")) for v in values], pa.string())
+
+    def pooled(key: str) -> pa.Array:
+        return quoted(e[key] for e in flat).take(take)
+
+    price_s = pc.if_else(pa.array(no_price), pa.scalar("null"), pa.array(price).cast(pa.string()))
+    lines = pc.binary_join_element_wise(
+        '{"main_category":', quoted(meta.column("main_category").to_pylist()),
+        ',"title":', quoted(meta.column("title").to_pylist()),
+        ',"average_rating":', meta.column("average_rating").cast(pa.string()),
+        ',"rating_number":', meta.column("rating_number").cast(pa.string()),
+        ',"features":', pooled("features"), ',"description":', pooled("description"),
+        ',"price":', price_s, ',"images":', pooled("images"), ',"videos":[],"store":',
+        quoted(meta.column("store").to_pylist()),
+        ',"categories":', quoted(meta.column("categories").to_pylist()),
+        ',"details":', pooled("details"),
+        ',"parent_asin":"', meta.column("parent_asin"), '","bought_together":null}\n', "")
+    lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
+    _write_jsonl(path, (_joined(lines.slice(lo, CHUNK_ROWS // 10))
+                        for lo in range(0, len(lines), CHUNK_ROWS // 10)), fmt == "jsonl.gz")
