@@ -303,15 +303,17 @@ def test_a_train_job_that_requeued_itself_before_its_limit_is_reported_as_requeu
         "2026-11-21 21:40:00,001 [train] INFO hpcpipe.jobs.train: step train of run run-usr2, "
         "job 4242 (restart 0) on n1\n"
         "\repoch 0:  10%|#         | 40/400\repoch 0:  20%|##        | 80/400\n"
-        "2026-11-21 21:40:59,001 [train] WARNING hpcpipe.steps.train.loop: SIGUSR2 at epoch 0 step 80: "
-        "checkpoint saved to /r/train/checkpoints/last.pt; requeueing job 4242\n")
+        "0: 2026-11-21 21:40:59,001 [train] WARNING hpcpipe.steps.train: SIGUSR2 at epoch 0 step 80: "
+        "checkpoint saved to /r/train/checkpoints/last.pt; exiting 140 so that the batch script "
+        "requeues job 4242\n"
+        "hpcpipe: requeueing job 4242: it resumes from its checkpoint when Slurm starts it again\n")
     rec = run.add_job("train", "4242", ["100"], Path("x"))
     rec.update(state="PENDING", reason="BeginTime", restarts=1, log=str(log), time_limit="00:01:00")
     run.save()
     report = build_report(run)
     assert "**train: requeued 1x by itself before its time limit (USR2 warning), now PENDING**" \
         in report, report
-    assert "evidence: `2026-11-21 21:40:59,001 [train] WARNING hpcpipe.steps.train.loop: SIGUSR2 at " \
+    assert "evidence: `0: 2026-11-21 21:40:59,001 [train] WARNING hpcpipe.steps.train: SIGUSR2 at " \
         "epoch 0 step 80: checkpoint saved" in report, report
     assert "nothing to do: it resumes from its checkpoint" in report and "train.time" in report
 

@@ -163,9 +163,30 @@ def test_cancel_mid_epoch_then_rerun_resumes_to_the_uninterrupted_result(
     assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
 
 
+def ranks_without_scontrol(folder: Path) -> tuple[Path, Path]:
+    """A ``slurm.python`` for the ranks whose PATH has an ``scontrol`` that fails and records
+    that it was called, as inside a container; the batch script keeps the real one. Returns
+    (the interpreter to use, the file a call to scontrol writes)."""
+    import sys
+
+    shim = folder / "no-slurm-commands"
+    shim.mkdir(parents=True)
+    called = folder / "scontrol-called"
+    (shim / "scontrol").write_text(f"#!/bin/sh\necho \"$@\" >> {called}\n"
+                                   "echo 'scontrol: command not found' >&2\nexit 127\n")
+    python = shim / "python"
+    python.write_text(f"#!/bin/sh\nPATH={shim}:$PATH exec {sys.executable} \"$@\"\n")
+    for f in (shim / "scontrol", python):
+        f.chmod(0o755)
+    return python, called
+
+
 def test_usr2_checkpoints_and_requeues_the_job_which_completes_the_run(
         tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path], slurm_cluster) -> None:
-    run_dir = submit(tmp_path, tiny_model, 2, 2)
+    """The ranks have no scontrol (as in a container): they checkpoint and exit, and the batch
+    script asks Slurm for the requeue."""
+    python, called = ranks_without_scontrol(tmp_path / "shim")
+    run_dir = submit(tmp_path, tiny_model, 2, 2, "--set", f"slurm.python={python}")
     job = running_with_checkpoint(tmp_path, run_dir)["job_id"]
     # The signal Slurm sends train.signal_seconds before the time limit (#SBATCH --signal).
     subprocess.run(["scancel", "--signal=USR2", job], check=True, capture_output=True)
@@ -188,8 +209,10 @@ def test_usr2_checkpoints_and_requeues_the_job_which_completes_the_run(
     assert rows["train"]["restarts"] == 1
     assert "requeued 1x" in hp(tmp_path, "status").stdout
     log = hp(tmp_path, "logs", "train").stdout
-    assert f"requeueing job {job}" in log and "(restart 1)" in log, log[-3000:]
+    assert f"batch script requeues job {job}" in log and "(restart 1)" in log, log[-3000:]
+    assert f"hpcpipe: requeueing job {job}: it resumes" in log, log[-3000:]
     assert re.search(r"resuming from \S+ at epoch \d+, step \d+ of", log), log[-3000:]
+    assert not called.exists(), called.read_text()
 
     completed(uninterrupted[1])
     assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))

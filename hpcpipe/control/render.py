@@ -21,7 +21,7 @@ from hpcpipe import packaged
 from hpcpipe.config import RunConfig, train_nodes
 from hpcpipe.errors import ConfigError
 from hpcpipe.run.layout import RunLayout
-from hpcpipe.scheduler import site
+from hpcpipe.scheduler import site, states
 from hpcpipe.scheduler.base import Backend
 
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
@@ -169,6 +169,7 @@ def render_step(cfg: RunConfig, layout: RunLayout, step: str, backend: Backend,
         "gpu_request": site.gpu_request(facts, res.gpus_per_node),
         "time": _sbatch_word(res.time, f"{step}.time"),
         "signal_seconds": str(cfg.train.signal_seconds),
+        "requeue_exit_code": str(states.REQUEUE_EXIT_CODE),
         "site_options": "\n".join(lines),
         "setup": _setup_lines(s.setup),
         "launch": (backend.launcher(step, res.nodes * res.ntasks_per_node) + " ").lstrip(),

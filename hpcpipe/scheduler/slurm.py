@@ -70,10 +70,6 @@ def jobs_named(name: str) -> list[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-def requeue(job_id: str) -> None:
-    call(["scontrol", "requeue", job_id])
-
-
 # ---------------------------------------------------------------------------------------------
 # Querying jobs
 

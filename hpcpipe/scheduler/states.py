@@ -86,3 +86,8 @@ def is_final(state: str) -> bool:
 
 #: Every state after which a job is over (for now).
 ENDED_STATES = frozenset(s for s, m in STATES.items() if m.ended)
+
+#: Exit code with which a train job's ranks say "checkpoint saved after Slurm's time-limit warning,
+#: requeue me": 128 + SIGUSR2 (12 on Linux), as a shell reports a process that signal ended. The
+#: batch script (sbatch/train.sbatch) then asks Slurm for the requeue, where ``scontrol`` exists.
+REQUEUE_EXIT_CODE = 128 + 12

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hpcpipe import files
-from hpcpipe.steps.train.stop import SIGNALS, StopReason, StopSignals
+from hpcpipe.scheduler.states import REQUEUE_EXIT_CODE
+from hpcpipe.steps.train.stop import SIGNALS, StopReason
 
 if TYPE_CHECKING:  # jobs/train.py imports this package before it may import anything slow
     from hpcpipe.config import RunConfig
@@ -33,14 +33,11 @@ log = logging.getLogger(__name__)
 
 #: Exit code of a job stopped by a signal and not requeued: 128 + the signal number, as a shell
 #: reports a process the signal killed (SIGUSR2 is 12 and SIGTERM 15 on Linux).
-EXIT_CODES = {StopReason.WARNED: 128 + 12, StopReason.TERMINATED: 128 + 15}
+EXIT_CODES = {StopReason.WARNED: REQUEUE_EXIT_CODE, StopReason.TERMINATED: 128 + 15}
 
 #: The folder of ``last.pt`` and ``best.pt`` under the run's ``train/``.
 CHECKPOINTS = "checkpoints"
 
-#: Seconds the ranks wait for Slurm to end them after a requeue was accepted. Exiting at once
-#: would let the batch script finish first and the job could be seen as COMPLETED.
-REQUEUE_GRACE_S = 60.0
 
 
 def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
@@ -62,8 +59,9 @@ def run_job(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
     """The step as its job runs it: None when training finished, else the exit code of a job
     stopped by a signal (its checkpoint saved).
 
-    Inside Slurm, SIGUSR2 (the warning before the time limit) requeues the job and gives 0 once
-    Slurm ends it for the requeue; otherwise, or if the requeue is refused, 128 + the signal.
+    Inside Slurm, SIGUSR2 (the warning before the time limit) gives ``REQUEUE_EXIT_CODE``: the
+    batch script then asks Slurm to requeue the job, where Slurm's commands exist (inside a
+    container the ranks usually have no ``scontrol``). Otherwise 128 + the signal.
     """
     job = env or _job_environment()
     with _recipe(layout, cfg, metrics, job) as recipe:
@@ -71,8 +69,12 @@ def run_job(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
         if reason is StopReason.DONE:
             return None
         if reason is StopReason.WARNED and job.in_slurm and job.job_id:
-            if _requeue(recipe, job.job_id):
-                return 0
+            if recipe.main:
+                log.warning("%s at epoch %d step %d: checkpoint saved to %s; exiting %d so that "
+                            "the batch script requeues job %s", reason.value, recipe.epoch,
+                            recipe.step_in_epoch, _checkpoint_path(recipe), REQUEUE_EXIT_CODE,
+                            job.job_id)
+            return REQUEUE_EXIT_CODE
         _log_stopped(recipe, reason)
         return EXIT_CODES[reason]
 
@@ -120,44 +122,13 @@ def _job_environment() -> JobEnvironment:
 
 
 def _log_stopped(recipe: TrainRecipe, reason: StopReason) -> None:
-    from hpcpipe.steps.train import checkpoint
-
     if recipe.main:
         log.error("stopped by %s at epoch %d step %d; checkpoint saved to %s. Run the train "
                   "step again to resume from it.", reason.value, recipe.epoch,
-                  recipe.step_in_epoch, checkpoint.last_path(recipe.layout.train))
+                  recipe.step_in_epoch, _checkpoint_path(recipe))
 
 
-def _requeue(recipe: TrainRecipe, job_id: str) -> bool:
-    """Rank 0 asks Slurm to requeue the job; all ranks agree on the answer and, if it was yes,
-    wait for Slurm to end them. Every rank calls this."""
-    from hpcpipe.errors import SchedulerError
-    from hpcpipe.scheduler import slurm
-    from hpcpipe.steps.train import checkpoint, dist
+def _checkpoint_path(recipe: TrainRecipe) -> Path:
+    from hpcpipe.steps.train import checkpoint
 
-    where = checkpoint.last_path(recipe.layout.train)
-    ok = 1.0
-    if recipe.main:
-        log.warning("%s at epoch %d step %d: checkpoint saved to %s; requeueing job %s",
-                    StopReason.WARNED.value, recipe.epoch, recipe.step_in_epoch, where, job_id)
-        try:
-            slurm.requeue(job_id)
-        except SchedulerError as exc:
-            log.error("requeue of job %s failed (%s); submit the train step again to "
-                      "resume from %s", job_id, exc, where)
-            ok = 0.0
-    (ok,) = dist.all_reduce_max(recipe.world, [ok])
-    if not ok:
-        return False
-    _wait_to_be_ended(recipe.signals)
-    if recipe.main:
-        log.warning("job %s requeued: it resumes from %s when Slurm starts it again",
-                    job_id, where)
-    return True
-
-
-def _wait_to_be_ended(signals: StopSignals, seconds: float = REQUEUE_GRACE_S) -> None:
-    """Sleep until Slurm's SIGTERM for the requeue arrives (or ``seconds`` pass)."""
-    deadline = time.monotonic() + seconds
-    while not signals.term and time.monotonic() < deadline:
-        time.sleep(0.5)
+    return checkpoint.last_path(recipe.layout.train)
