@@ -1,4 +1,4 @@
-"""The Dask cluster of the features step, sized from the allocation it runs in.
+"""The Dask cluster of a step (features, ingest), sized from the allocation it runs in.
 
 The allocation is read only through :class:`~hpcpipe.runtime.env.JobEnvironment`, which the
 step passes in. One node (or no Slurm at all): a ``distributed.LocalCluster`` of worker processes.
@@ -22,9 +22,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from hpcpipe.config import FeaturesConfig
 from hpcpipe.errors import ConfigError
 from hpcpipe.runtime.env import JobEnvironment
 
@@ -32,6 +31,16 @@ if TYPE_CHECKING:
     from distributed import Client
 
 log = logging.getLogger(__name__)
+
+
+class ClusterSettings(Protocol):
+    """What sizes a cluster: a step's config (``FeaturesConfig``, ``IngestConfig``)."""
+
+    @property
+    def threads_per_worker(self) -> int: ...
+
+    @property
+    def worker_memory(self) -> str: ...
 
 #: Share of a node's memory given to the workers when ``worker_memory`` is "auto"; the rest is
 #: left to the scheduler, the client and the operating system.
@@ -110,7 +119,8 @@ def _parse_memory(text: str, key: str = "features.worker_memory") -> int:
     return value
 
 
-def plan_workers(cfg: FeaturesConfig, env: JobEnvironment) -> WorkerPlan:
+def plan_workers(cfg: ClusterSettings, env: JobEnvironment, step: str = "features"
+                 ) -> WorkerPlan:
     """Decide workers per node, threads per worker and memory per worker for the allocation ``env``.
 
     One node: the allocation is the CPUs per task (or the CPUs on the node) inside Slurm,
@@ -145,7 +155,7 @@ def plan_workers(cfg: FeaturesConfig, env: JobEnvironment) -> WorkerPlan:
         node_mem = _node_memory(env, allocated)
         memory = int(node_mem * AUTO_MEMORY_SHARE / workers) if node_mem else 0
     else:
-        memory = _parse_memory(cfg.worker_memory)
+        memory = _parse_memory(cfg.worker_memory, f"{step}.worker_memory")
     return WorkerPlan(nodes=nodes, cpus_allocated=allocated, cpus_usable=usable,
                       workers_per_node=workers, threads_per_worker=threads,
                       memory_per_worker=memory, per_task_binding=per_task_binding)
@@ -165,7 +175,8 @@ def _quiet_dask_logs() -> None:
 
 @contextlib.contextmanager
 def open_cluster(
-    cfg: FeaturesConfig, scheduler_file: Path | None = None, env: JobEnvironment | None = None
+    cfg: ClusterSettings, scheduler_file: Path | None = None, env: JobEnvironment | None = None,
+    step: str = "features",
 ) -> Iterator[Client | None]:
     """Start the Dask cluster for this allocation and yield a connected ``distributed.Client``.
 
@@ -182,10 +193,10 @@ def open_cluster(
     """
     if env is None:
         env = JobEnvironment.from_environ()
-    plan = plan_workers(cfg, env)
+    plan = plan_workers(cfg, env, step)
     _quiet_dask_logs()
     if plan.nodes > 1:
-        with _slurm_runner_client(plan, scheduler_file, env) as client:
+        with _slurm_runner_client(plan, scheduler_file, env, step) as client:
             yield client
         return
 
@@ -243,11 +254,11 @@ def slurm_roles(plan: WorkerPlan, env: JobEnvironment) -> SlurmRoles:
 
 @contextlib.contextmanager
 def _slurm_runner_client(plan: WorkerPlan, scheduler_file: Path | None,
-                         env: JobEnvironment) -> Iterator[Client | None]:
+                         env: JobEnvironment, step: str = "features") -> Iterator[Client | None]:
     world = env.ntasks
     if not env.under_srun or world < 3:
         raise ConfigError(
-            f"the features step on {plan.nodes} nodes runs one Dask process per Slurm task and "
+            f"the {step} step on {plan.nodes} nodes runs one Dask process per Slurm task and "
             f"needs at least 3 tasks (scheduler, client, a worker), found {world}: launch it with "
             "`srun` in an allocation of `--nodes=N --ntasks-per-node=2` or more tasks per node "
             "(see hpcpipe/steps/features.py)"

@@ -7,31 +7,38 @@ How it runs, in bounded memory, one module per part:
 
 1. :mod:`.inputs`: the files are checked and described for the manifest, the reviews counted
    roughly to guess the bucket count; with no input configured a synthetic one is made once.
-2. :mod:`.reading`: product metadata is read (only parent_asin, title, main_category, store);
-   reviews are streamed in blocks of ~32 MB of JSON lines or ~1M parquet rows.
-3. :mod:`.validation`: vectorized checks on every block; refused rows go to ``quarantine.jsonl``
-   with their file, line, reason and raw text.
-4. :mod:`.buckets`: valid rows are spilled per hash bucket, redistributed once if the guess was far
-   off, and each bucket is sorted, deduplicated and written.
+2. :mod:`.parts`: the input is cut into parts (files; parquet row groups; line ranges of an
+   uncompressed JSON lines file), each read as a task on the step's Dask cluster -- the same
+   machinery as features (:mod:`hpcpipe.runtime.dask_cluster`: a LocalCluster sized from the
+   allocation, dask-jobqueue's SLURMRunner on several nodes). A part is read in blocks
+   (:mod:`.reading`), checked (:mod:`.validation`; refused rows to its quarantine file with
+   file, line, reason and raw text) and spilled to hash buckets of its own (:mod:`.buckets`).
+3. Then every bucket is a task: its rows from all parts sorted, deduplicated and written; the
+   quarantines are merged in input order; products and counts summed.
 
-The reviews folder is built under a temporary name and renamed; ``manifest.json`` comes last, so a
-crash never leaves output that looks complete. A manifest whose fingerprint is that of the same
-input files and settings means "already done" (see :mod:`hpcpipe.run.provenance`).
+Work in progress lives in ``.work-<fingerprint>/`` next to the output: after a kill, the parts
+and buckets already finished are not read again. The reviews folder is renamed into place when
+every bucket is done, and ``manifest.json`` comes last, so a crash never leaves output that looks
+complete. A manifest whose fingerprint is that of the same input files and settings means
+"already done" (see :mod:`hpcpipe.run.provenance`). The output does not depend on how many
+workers or nodes ran it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
@@ -43,14 +50,7 @@ from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.run.provenance import fingerprint
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.steps.done import already_done
-from hpcpipe.steps.ingest.buckets import (
-    BucketStats,
-    Spill,
-    bucket_count,
-    bucket_of,
-    finish_buckets,
-    spill_rows,
-)
+from hpcpipe.steps.ingest.buckets import bucket_count, bucket_of
 from hpcpipe.steps.ingest.inputs import (
     checked_inputs,
     configured_inputs,
@@ -58,19 +58,31 @@ from hpcpipe.steps.ingest.inputs import (
     estimate_rows,
     synthesize_once,
 )
-from hpcpipe.steps.ingest.reading import META_SCHEMA, read_metadata, read_reviews
+from hpcpipe.steps.ingest.parts import (
+    Part,
+    distinct_products,
+    finish_bucket,
+    merge_quarantine,
+    plan_parts,
+    read_part,
+    regroup_part,
+)
+from hpcpipe.steps.ingest.reading import META_SCHEMA, read_metadata
 from hpcpipe.steps.ingest.validation import (
     REASON_SECONDS,
     Quarantine,
     check_coverage,
     check_some_valid,
     check_timestamp_unit,
-    validate,
 )
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+WORK_PREFIX = ".work-"
 #: The manifest fields a skipped ingest repeats in its metrics summary.
 _SUMMARY_FIELDS = ("rows_in", "rows_out", "quarantined", "duplicates", "n_buckets")
 
@@ -79,66 +91,209 @@ def run(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
         env: JobEnvironment | None = None) -> dict[str, Any]:
     """The ingest step of a run: synthesize into ``layout.raw`` when ``cfg.data.reviews`` is empty
     (reusing a complete earlier synthesis of the same size and seed), then :func:`ingest` into
-    ``layout.ingest``. Returns the ingest manifest (plus ``"skipped": True`` if already done).
-    Ingest runs as one process, so ``env`` is not needed."""
-    reviews, metadata = configured_inputs(layout, cfg)
-    return ingest(reviews, metadata, layout.ingest, cfg.ingest, metrics)
+    ``layout.ingest`` on a Dask cluster sized from the allocation ``env``.
 
-
-def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None,
-           out_dir: Path, cfg: IngestConfig, metrics: MetricsWriter | None = None
-           ) -> dict[str, Any]:
-    """Validate, deduplicate and bucket the reviews into ``out_dir`` (the contract's ``ingest/``).
-
-    ``reviews_paths``: JSON lines (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``) or
-    ``.parquet`` files. ``metadata_path``: the product metadata in the same formats. Returns the
-    manifest dict (also written to ``out_dir/manifest.json``, with ``made_from``: the input files
-    and settings, and its ``fingerprint``); if a manifest with the same fingerprint already
-    exists, nothing is redone and it is returned with ``"skipped": True``. Raises
-    :class:`InputError` for input that cannot be used as a whole (missing or unreadable file,
-    truncated gzip/parquet, unknown extension, no valid rows, a whole file of second
-    timestamps, metadata that does not match the reviews).
+    Under ``srun`` on several nodes every rank calls this; only the client rank ingests, the
+    scheduler and worker ranks return ``{}`` when the cluster shuts down.
     """
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    reviews, metadata = checked_inputs(reviews_paths, metadata_path)
-    made_from = {
-        "inputs": [describe(p, "reviews") for p in reviews] + [describe(metadata, "metadata")],
+    from hpcpipe.runtime.dask_cluster import open_cluster
+
+    if env is None:
+        env = JobEnvironment.from_environ()
+    if env.num_nodes <= 1 or env.task_rank == 1:
+        # One process decides the input (a synthesis is written once, not once per rank).
+        reviews, metadata = configured_inputs(layout, cfg)
+        done = _done_before(layout.ingest / MANIFEST, _made_from(reviews, metadata, cfg.ingest),
+                            metrics)
+        if done is not None and env.num_nodes <= 1:
+            return done
+    job_id = env.job_id if env.in_slurm else "local"
+    layout.ingest.mkdir(parents=True, exist_ok=True)
+    scheduler_file = layout.ingest / f".dask-scheduler-{job_id}-{env.restart_count}.json"
+    with open_cluster(_ClusterOfOne(), scheduler_file=scheduler_file, env=env,
+                      step="ingest") as client:
+        if client is None:
+            return {}
+        return ingest(reviews, metadata, layout.ingest, cfg.ingest, metrics, client=client)
+
+
+@dataclass(frozen=True)
+class _ClusterOfOne:
+    """Ingest's workers: one thread each (a part's reading already overlaps parsing with
+    checking), the allocation's memory split evenly."""
+
+    threads_per_worker: int = 1
+    worker_memory: str = "auto"
+
+
+def _made_from(reviews: Sequence[Path], metadata: Path, cfg: IngestConfig) -> dict[str, Any]:
+    return {
+        "inputs": [describe(Path(p), "reviews") for p in reviews]
+        + [describe(Path(metadata), "metadata")],
         # What changes the output besides the files (data.* names the files themselves).
         "settings": {"ingest.target_bucket_rows": cfg.target_bucket_rows,
                      "ingest.future_tolerance_days": cfg.future_tolerance_days},
     }
+
+
+def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None,
+           out_dir: Path, cfg: IngestConfig, metrics: MetricsWriter | None = None,
+           client: Client | None = None) -> dict[str, Any]:
+    """Validate, deduplicate and bucket the reviews into ``out_dir`` (the contract's ``ingest/``).
+
+    ``reviews_paths``: JSON lines (``.jsonl``/``.json``/``.ndjson``, optionally ``.gz``) or
+    ``.parquet`` files. ``metadata_path``: the product metadata in the same formats. The parts
+    and buckets run as tasks on ``client``'s Dask cluster, or one after the other in this process
+    without one; the output is the same. Returns the manifest dict (also written to
+    ``out_dir/manifest.json``, with ``made_from``: the input files and settings, and its
+    ``fingerprint``); if a manifest with the same fingerprint already exists, nothing is redone
+    and it is returned with ``"skipped": True``. Raises :class:`InputError` for input that cannot
+    be used as a whole (missing or unreadable file, truncated gzip/parquet, unknown extension, no
+    valid rows, a whole file of second timestamps, metadata that does not match the reviews).
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    reviews, metadata = checked_inputs(reviews_paths, metadata_path)
+    made_from = _made_from(reviews, metadata, cfg)
     done = _done_before(out_dir / MANIFEST, made_from, metrics)
     if done is not None:
         return done
-    _remove_temporaries(out_dir)
+    fp = fingerprint(made_from)
+    work = out_dir / f"{WORK_PREFIX}{fp[:16]}"
+    _remove_temporaries(out_dir, keep=work)
+    work.mkdir(exist_ok=True)
 
     meta = read_metadata(metadata)
     n_guess = _guess_buckets(reviews, cfg)
-    spill_dir = temp_name(out_dir / "spill")
-    spill_dir.mkdir()
-    try:
-        with Quarantine(out_dir / "quarantine.jsonl") as quarantine:
-            read = _Reading(Spill(spill_dir, n_guess), quarantine, meta.column("parent_asin"),
-                            metadata, _latest_ms(cfg))
-            for path in reviews:
-                read.read_file(path)
-            read.spill.close()
-            log.info("read and checked %d rows in %.1f s", read.rows_in,
-                     time.perf_counter() - start)
-            check_some_valid(reviews, read.rows_in, read.valid, quarantine)
-            products = read.products()
-            check_coverage(products, read.meta_ids, reviews[0], metadata)
-            buckets = _write_reviews(read.spill, read.valid, out_dir, cfg, start)
-            missing = _write_products(out_dir / "products.parquet", meta, products)
-    finally:
-        shutil.rmtree(spill_dir, ignore_errors=True)
+    parts = plan_parts(reviews)
+    tasks = _Tasks(client)
+    log.info("%d part(s) of %d file(s) on %s", len(parts), len(reviews), tasks.describe())
+    meta_ids = tasks.share(meta.column("parent_asin").combine_chunks())
+    read = {r["part"]["index"]: r for r in tasks.run(
+        "read", read_part, [(p, str(work), n_guess, meta_ids, str(metadata), _latest_ms(cfg))
+                            for p in parts], _part_done(parts))}
+    rows_in = sum(r["rows_in"] for r in read.values())
+    valid = sum(r["valid"] for r in read.values())
+    log.info("read and checked %d rows in %.1f s", rows_in, time.perf_counter() - start)
+    with Quarantine(out_dir / "quarantine.jsonl") as quarantine:
+        merge_quarantine(work, parts, read, quarantine)
+        _check_units(parts, read)
+        check_some_valid(reviews, rows_in, valid, quarantine)
+        products = distinct_products(work, parts)
+        check_coverage(products, meta.column("parent_asin"), reviews[0], metadata)
+        n_buckets = _regrouped(tasks, work, len(parts), valid, n_guess, cfg)
+        buckets = list(tasks.run("bucket", finish_bucket,
+                                 [(str(work), b, len(parts), n_buckets)
+                                  for b in range(n_buckets)], _bucket_done))
+        _install(work / "reviews", out_dir / "reviews")
+        log.info("sorted and wrote %d buckets; %.1f s so far", n_buckets,
+                 time.perf_counter() - start)
+        missing = _write_products(out_dir / "products.parquet", meta, products)
 
-    manifest = _manifest(read, buckets, len(products), missing, time.perf_counter() - start)
-    manifest.update(made_from=made_from, fingerprint=fingerprint(made_from))
+    manifest = _manifest(rows_in, quarantine, buckets, len(products), missing,
+                         time.perf_counter() - start)
+    manifest.update(made_from=made_from, fingerprint=fp)
     write_json(out_dir / MANIFEST, manifest)
+    shutil.rmtree(work, ignore_errors=True)
     _report(manifest, quarantine, metadata, metrics)
     return manifest
+
+
+class _Tasks:
+    """Tasks on a Dask cluster (``client``), or in this process one after the other."""
+
+    def __init__(self, client: Client | None) -> None:
+        self.client = client
+        self.tag = uuid.uuid4().hex[:8]
+
+    def describe(self) -> str:
+        if self.client is None:
+            return "this process"
+        n = len(self.client.scheduler_info(n_workers=-1)["workers"])
+        return f"{n} Dask worker{'s' if n != 1 else ''}"
+
+    def share(self, value: Any) -> Any:
+        """``value`` where every task can use it (sent to each worker once)."""
+        if self.client is None:
+            return value
+        return self.client.scatter(value, broadcast=True, hash=False)
+
+    def run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]],
+            done: Callable[[Any], str]) -> Iterator[Any]:
+        """``fn(*args)`` for every tuple in ``calls``; results as they come, each logged with
+        ``done(result)``."""
+        if self.client is None:
+            for args in calls:
+                result = fn(*args)
+                log.info("%s", done(result))
+                yield result
+            return
+        from distributed import as_completed
+
+        futures = [self.client.submit(fn, *args, key=f"ingest-{what}-{i:05d}-{self.tag}",
+                                      pure=False) for i, args in enumerate(calls)]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                # Let the cluster forget it: a worker that dies later holds nothing to redo.
+                future.release()
+                log.info("%s", done(result))
+                yield result
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+def _part_done(parts: list[Part]) -> Callable[[dict[str, Any]], str]:
+    def done(r: dict[str, Any]) -> str:
+        part = parts[r["part"]["index"]]
+        if r.get("skipped"):
+            return f"part {part.index + 1}/{len(parts)} ({part.describe()}) already read, skipped"
+        return (f"part {part.index + 1}/{len(parts)} ({part.describe()}): {r['rows_in']} rows in "
+                f"{r['seconds']:.1f} s on {r['node']}")
+    return done
+
+
+def _bucket_done(r: dict[str, Any]) -> str:
+    if r.get("skipped"):
+        return f"bucket {r['bucket']:05d} already written, skipped"
+    return f"bucket {r['bucket']:05d}: {r['rows']} rows on {r['node']}"
+
+
+def _check_units(parts: list[Part], read: dict[int, dict[str, Any]]) -> None:
+    """Every file's timestamps in seconds is the file's error, not its rows'."""
+    seconds: Counter[str] = Counter()
+    usable: Counter[str] = Counter()
+    for p in parts:
+        seconds[p.path] += read[p.index]["seconds_like"]
+        usable[p.path] += read[p.index]["with_timestamp"]
+    for path in dict.fromkeys(p.path for p in parts):
+        check_timestamp_unit(Path(path), seconds[path], usable[path])
+
+
+def _regrouped(tasks: _Tasks, work: Path, n_parts: int, valid: int, n_guess: int,
+               cfg: IngestConfig) -> int:
+    """The bucket count; every part re-spilled to it when the guess was far off."""
+    n_buckets = bucket_count(valid, n_guess, cfg.target_bucket_rows)
+    if n_buckets != n_guess:
+        log.info("%d valid rows need %d buckets, not the %d estimated: redistributing",
+                 valid, n_buckets, n_guess)
+        list(tasks.run("regroup", regroup_part, [(str(work), p, n_guess, n_buckets)
+                                                 for p in range(n_parts)],
+                       lambda node: f"part re-spilled on {node}"))
+    return n_buckets
+
+
+def _install(folder: Path, dest: Path) -> None:
+    """Rename the finished ``folder`` to ``dest`` (an old ``dest`` is moved aside, then removed)."""
+    old = temp_name(dest) if dest.exists() else None
+    if old is not None:
+        os.replace(dest, old)
+    if not folder.exists():
+        folder.mkdir(parents=True)
+    os.replace(folder, dest)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _done_before(manifest_path: Path, made_from: dict[str, Any],
@@ -157,9 +312,13 @@ def _done_before(manifest_path: Path, made_from: dict[str, Any],
     return old
 
 
-def _remove_temporaries(out_dir: Path) -> None:
+def _remove_temporaries(out_dir: Path, keep: Path) -> None:
+    """Temporaries left by a killed run, and the work folder of other inputs or settings."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".tmp-*"):  # left by a run that was killed
+    for stale in [*out_dir.glob(".tmp-*"), *out_dir.glob(f"{WORK_PREFIX}*")]:
+        if stale == keep:
+            log.info("continuing the ingest that %s was left by", stale)
+            continue
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
 
 
@@ -174,72 +333,6 @@ def _guess_buckets(reviews: list[Path], cfg: IngestConfig) -> int:
     log.info("reading %d reviews file(s), about %d rows -> %d bucket(s) expected",
              len(reviews), estimate, n_guess)
     return n_guess
-
-
-@dataclass
-class _Reading:
-    """Reading every reviews file into the spill: the counts and products found so far."""
-
-    spill: Spill
-    quarantine: Quarantine
-    meta_ids: pa.ChunkedArray
-    metadata: Path
-    now_ms: int
-    rows_in: int = 0
-    valid: int = 0
-    product_parts: list[pa.Array] = field(default_factory=list)
-    coverage_checked: bool = False
-
-    def read_file(self, path: Path) -> None:
-        file_rows = file_seconds = file_ts = 0
-        for chunk in read_reviews(path):
-            for line, reason, raw in chunk.refused:
-                self.quarantine.add(str(path), line, reason, raw)
-            n = chunk.table.num_rows + len(chunk.refused)
-            self.rows_in += n
-            file_rows += n
-            good, n_seconds, n_ts = validate(chunk, self.now_ms, self.quarantine)
-            file_seconds += n_seconds
-            file_ts += n_ts
-            if good.num_rows == 0:
-                continue
-            # Input order across all files, so that "first kept" means first in the input.
-            rows = spill_rows(good.table, self.rows_in - n + np.flatnonzero(good.mask))
-            self._add_products(pc.unique(rows.column("parent_asin")), path)
-            self.spill.add(rows)
-            self.valid += rows.num_rows
-        check_timestamp_unit(path, file_seconds, file_ts)
-        log.info("%s: %d rows read", path, file_rows)
-
-    def _add_products(self, uniq: pa.Array, path: Path) -> None:
-        self.product_parts.append(uniq)
-        if len(self.product_parts) > 16:  # keep the distinct products compact
-            self.product_parts = [pc.unique(pa.chunked_array(self.product_parts).combine_chunks())]
-        # Metadata of another category shows in the first products already: fail early.
-        if not self.coverage_checked and len(uniq) >= 50:
-            check_coverage(uniq, self.meta_ids, path, self.metadata)
-            self.coverage_checked = True
-
-    def products(self) -> pa.Array:
-        """Every reviewed product once."""
-        return pc.unique(pa.chunked_array(self.product_parts, pa.string()).combine_chunks())
-
-
-def _write_reviews(spill: Spill, valid: int, out_dir: Path, cfg: IngestConfig,
-                   start: float) -> list[BucketStats]:
-    """``out_dir/reviews``, built under a temporary name from the spill (redistributed first if
-    the guessed bucket count is far off)."""
-    n_buckets = bucket_count(valid, spill.n_buckets, cfg.target_bucket_rows)
-    if n_buckets != spill.n_buckets:
-        log.info("%d valid rows need %d buckets, not the %d estimated: redistributing",
-                 valid, n_buckets, spill.n_buckets)
-        spill = spill.regroup(n_buckets)
-    with atomic_path(out_dir / "reviews") as tmp_reviews:
-        tmp_reviews.mkdir()
-        stats = finish_buckets(spill, tmp_reviews)
-    log.info("sorted and wrote %d buckets; %.1f s so far", n_buckets,
-             time.perf_counter() - start)
-    return stats
 
 
 def _write_products(path: Path, meta: pa.Table, products: pa.Array) -> int:
@@ -259,24 +352,24 @@ def _write_products(path: Path, meta: pa.Table, products: pa.Array) -> int:
     return len(absent)
 
 
-def _manifest(read: _Reading, buckets: list[BucketStats], products: int, missing: int,
-              seconds: float) -> dict[str, Any]:
-    rows_out = sum(b.rows for b in buckets)
-    duplicates = sum(b.duplicates for b in buckets)
-    min_ts = min(b.min_timestamp for b in buckets if b.rows)
-    max_ts = max(b.max_timestamp for b in buckets if b.rows)
+def _manifest(rows_in: int, quarantine: Quarantine, buckets: list[dict[str, Any]],
+              products: int, missing: int, seconds: float) -> dict[str, Any]:
+    rows_out = sum(b["rows"] for b in buckets)
+    duplicates = sum(b["duplicates"] for b in buckets)
+    min_ts = min(b["min_timestamp"] for b in buckets if b["rows"])
+    max_ts = max(b["max_timestamp"] for b in buckets if b["rows"])
     max_day = datetime.fromtimestamp(max_ts / 1000, UTC).date()
-    quarantined = read.quarantine.count
-    assert read.rows_in == rows_out + quarantined + duplicates, (read.rows_in, rows_out,
-                                                                 quarantined, duplicates)
+    quarantined = quarantine.count
+    assert rows_in == rows_out + quarantined + duplicates, (rows_in, rows_out, quarantined,
+                                                            duplicates)
     return {
-        "n_buckets": len(buckets), "rows_in": read.rows_in, "rows_out": rows_out,
+        "n_buckets": len(buckets), "rows_in": rows_in, "rows_out": rows_out,
         "quarantined": quarantined, "duplicates": duplicates,
-        "reasons": dict(sorted(read.quarantine.reasons.items())),
+        "reasons": dict(sorted(quarantine.reasons.items())),
         "min_timestamp": int(min_ts), "max_timestamp": int(max_ts),
         "last_week": (max_day - timedelta(days=max_day.weekday())).isoformat(),
         "products": products, "products_without_metadata": missing,
-        "seconds": round(seconds, 3), "rows_per_s": round(read.rows_in / max(seconds, 1e-9), 1),
+        "seconds": round(seconds, 3), "rows_per_s": round(rows_in / max(seconds, 1e-9), 1),
     }
 
 

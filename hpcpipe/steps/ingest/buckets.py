@@ -6,14 +6,13 @@ Valid rows are appended to one spill file per hash bucket; the bucket count is e
 is the spill redistributed once, to ``ceil(valid / target)`` buckets. The estimate for 3,000,000
 rows came out 3,002,135: an exact rule would have rewritten the whole spill for 0.07%. Each bucket
 is then sorted, deduplicated (:func:`~hpcpipe.steps.ingest.validation.sort_and_dedupe`) and
-written (zstd), two at a time.
+written (zstd). Every part of the input spills into its own folder and each bucket is finished as
+a task of its own (:mod:`hpcpipe.steps.ingest.parts`).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
-from hpcpipe.steps.ingest.reading import PARQUET_BATCH_ROWS
 from hpcpipe.steps.ingest.validation import sort_and_dedupe
 
 OUTPUT_SCHEMA = pa.schema([
@@ -144,18 +142,6 @@ class Spill:
             w.close()
         self.writers.clear()
 
-    def regroup(self, n_buckets: int) -> Spill:
-        new = Spill(self.folder.parent, n_buckets)
-        for b in range(self.n_buckets):
-            if self.path(b).exists():
-                pf = pq.ParquetFile(self.path(b))
-                for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                    new.add(pa.Table.from_batches([batch]))
-                self.path(b).unlink()
-        new.close()
-        return new
-
-
 
 @dataclass
 class BucketStats:
@@ -167,23 +153,8 @@ class BucketStats:
     max_timestamp: int
 
 
-def finish_buckets(spill: Spill, out: Path) -> list[BucketStats]:
-    """Sort, deduplicate and write every bucket (two at a time; Arrow releases the GIL)."""
-    def one(b: int) -> BucketStats:
-        folder = out / f"bucket={b:05d}"
-        folder.mkdir()
-        src = spill.path(b)
-        table = pq.read_table(src) if src.exists() else SPILL_SCHEMA.empty_table()
-        stats = _write_bucket(table, folder / "part-0.parquet")
-        src.unlink(missing_ok=True)
-        return stats
-
-    workers = min(2, max(1, os.cpu_count() or 1))
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, range(spill.n_buckets)))
-
-
-def _write_bucket(table: pa.Table, path: Path) -> BucketStats:
+def write_bucket(table: pa.Table, path: Path) -> BucketStats:
+    """One bucket's spilled rows sorted, deduplicated and written to ``path`` (zstd)."""
     table, dups = sort_and_dedupe(table)
     table = table.drop_columns(["_row"])
     pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)

@@ -57,12 +57,19 @@ class Chunk:
     raws: Any  # callable(i) -> raw text of row i
     refused: list[tuple[int, str, str]]  # (line, reason, raw) of lines the parser refused
     pre_reason: np.ndarray | None = None  # per-row reason found while coercing types, or None
+    next_line: int = 0  # JSON: the line number after this chunk's block
 
 
 
-def read_reviews(path: Path) -> Iterator[Chunk]:
-    """Chunks of a reviews file; the next one is read and parsed in a thread meanwhile."""
-    return _prefetched(_read_reviews_here(path))
+
+
+def read_reviews(path: Path, start: int = 0, stop: int | None = None,
+                 row_groups: Sequence[int] | None = None, first_row: int = 0) -> Iterator[Chunk]:
+    """Chunks of a reviews file, or of a part of it; the next one is read and parsed in a thread
+    meanwhile. A part of a JSON lines file is the bytes ``start:stop`` (both at line starts; line
+    numbers count from the part's first line); of a parquet file the ``row_groups``, whose first
+    row is row ``first_row`` of the file."""
+    return _prefetched(_read_reviews_here(path, start, stop, row_groups, first_row))
 
 
 def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
@@ -77,16 +84,18 @@ def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
             yield chunk
 
 
-def _read_reviews_here(path: Path) -> Iterator[Chunk]:
+def _read_reviews_here(path: Path, start: int, stop: int | None,
+                       row_groups: Sequence[int] | None, first_row: int) -> Iterator[Chunk]:
     kind, _ = file_kind(path)
     if kind == "parquet":
-        yield from _read_parquet_reviews(path)
+        yield from _read_parquet_reviews(path, row_groups, first_row)
         return
-    for block, first_line, at_eof in _json_blocks(path):
+    for block, first_line, at_eof in _json_blocks(path, start, stop):
         parsed, refused = _parse_json_block(block, READ_SCHEMA, at_eof)
         refused = [(first_line + line, reason, raw) for line, reason, raw in refused]
         lines = first_line + parsed.line_index
-        yield Chunk(parsed.table, str(path), lines, _json_raws(block, parsed), refused)
+        yield Chunk(parsed.table, str(path), lines, _json_raws(block, parsed), refused,
+                    next_line=first_line + block.count(b"\n") + (not block.endswith(b"\n")))
 
 
 def _open_json(path: Path) -> io.BufferedIOBase:
@@ -98,14 +107,23 @@ def _open_json(path: Path) -> io.BufferedIOBase:
 
 
 
-def _json_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
-    """(bytes of whole lines, line number of the first, is the file's end) of ~BLOCK_BYTES each;
-    the next block is read (and decompressed) in a thread while the caller works on this one."""
+def _json_blocks(path: Path, start: int = 0, stop: int | None = None
+                 ) -> Iterator[tuple[bytes, int, bool]]:
+    """(bytes of whole lines, line number of the first, is the file's end) of ~BLOCK_BYTES each,
+    of the whole file or of the (uncompressed) bytes ``start:stop``; the next block is read (and
+    decompressed) in a thread while the caller works on this one."""
     f = _open_json(path)
+    if start:
+        f.seek(start)
+    left = [None if stop is None else stop - start]
 
     def read() -> bytes:
         try:
-            return f.read(BLOCK_BYTES)
+            if left[0] is None:
+                return f.read(BLOCK_BYTES)
+            data = f.read(min(BLOCK_BYTES, left[0]))
+            left[0] -= len(data)
+            return data
         # isal's stub declares its error class as an instance of Exception.
         except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile) as exc:  # type: ignore[misc]
             raise truncated(path, exc) from None
@@ -263,7 +281,8 @@ def _json_raws(block: bytes, parsed: _Parsed) -> Any:
     return raw
 
 
-def _read_parquet_reviews(path: Path) -> Iterator[Chunk]:
+def _read_parquet_reviews(path: Path, row_groups: Sequence[int] | None = None,
+                          first_row: int = 0) -> Iterator[Chunk]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -275,8 +294,9 @@ def _read_parquet_reviews(path: Path) -> Iterator[Chunk]:
             f"{path} has no column(s) {', '.join(absent)}; reviews need rating, parent_asin, "
             "user_id and timestamp (Amazon Reviews'23 layout)")
     cols = [c for c in READ_SCHEMA.names if c in names]
-    base = 0
-    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols)
+    base = first_row
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols,
+                              row_groups=None if row_groups is None else list(row_groups))
     while True:
         try:
             batch = next(batches)

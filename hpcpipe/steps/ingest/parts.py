@@ -1,0 +1,279 @@
+"""The ingest's units of parallel work, each a plain function a Dask worker runs.
+
+1. :func:`plan_parts`: the input cut into parts, in input order: every file at least one part; a
+   parquet file split at row groups, an uncompressed JSON lines file at line starts (a gzip
+   stream cannot be entered in the middle, so a ``.gz`` file is one part: give several files).
+2. :func:`read_part`: one part read, checked and spilled to hash buckets in the part's own folder,
+   with its own quarantine file, products and counts; ``done.json``, written last, makes a
+   finished part skipped when the step runs again after a kill.
+3. :func:`regroup_part` (only when the bucket guess was far off) and :func:`finish_bucket`: one
+   bucket's rows from every part sorted, deduplicated and written; its ``.json`` beside it,
+   written last, marks it finished.
+
+Exact whatever the parallelism: a spilled row's ``_row`` is (part index << 40) + its place in the
+part, so "first in input order" is the same for one worker or many, and a part's quarantine lines
+are renumbered by the lines of the parts before it when they are merged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa  # type: ignore[import-untyped]
+import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
+
+from hpcpipe.files import atomic_path, read_json, write_json
+from hpcpipe.steps.ingest.buckets import SPILL_SCHEMA, Spill, spill_rows, write_bucket
+from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind
+from hpcpipe.steps.ingest.reading import PARQUET_BATCH_ROWS, read_reviews
+from hpcpipe.steps.ingest.validation import Quarantine, check_coverage, validate
+
+#: Bytes of an uncompressed JSON lines part, rows of a parquet part: a few per worker at
+#: 31.8M reviews, each far below a worker's memory (a part holds only its spill buffer).
+PART_BYTES = 512 << 20
+PART_ROWS = 4 << 20
+ROW_SHIFT = 40  # a part's rows are numbered below 2**40
+DONE = "done.json"
+
+
+@dataclass(frozen=True)
+class Part:
+    """A piece of one reviews file: its bytes ``start:stop`` (JSON lines; stop -1 = the end) or
+    its ``row_groups`` starting at row ``first_row`` (parquet)."""
+
+    index: int
+    path: str
+    start: int = 0
+    stop: int = -1
+    row_groups: tuple[int, ...] | None = None
+    first_row: int = 0
+
+    @property
+    def whole_file(self) -> bool:
+        return self.start == 0 and self.stop == -1 and self.row_groups is None
+
+    def describe(self) -> str:
+        name = Path(self.path).name
+        if self.whole_file:
+            return name
+        if self.row_groups is not None:
+            return f"{name} row groups {self.row_groups[0]}-{self.row_groups[-1]}"
+        return f"{name} bytes {self.start}-{self.stop if self.stop >= 0 else 'end'}"
+
+
+def plan_parts(reviews: list[Path], part_bytes: int | None = None,
+               part_rows: int | None = None) -> list[Part]:
+    """The input's parts in input order (see the module doc); parts of ``part_bytes`` bytes or
+    ``part_rows`` rows (default :data:`PART_BYTES`, :data:`PART_ROWS`)."""
+    part_bytes = part_bytes or PART_BYTES
+    part_rows = part_rows or PART_ROWS
+    parts: list[Part] = []
+    for path in reviews:
+        kind, gz = file_kind(path)
+        if kind == "parquet":
+            pieces = _parquet_pieces(path, part_rows)
+            parts += [Part(len(parts) + i, str(path), row_groups=rg, first_row=first)
+                      for i, (rg, first) in enumerate(pieces)]
+        elif gz:
+            parts.append(Part(len(parts), str(path)))
+        else:
+            bounds = _line_starts(path, part_bytes)
+            parts += [Part(len(parts) + i, str(path), lo, hi)
+                      for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    return parts
+
+
+def _parquet_pieces(path: Path, part_rows: int) -> list[tuple[tuple[int, ...] | None, int]]:
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowException, OSError) as exc:
+        raise bad_parquet(path, exc) from None
+    if meta.num_row_groups <= 1:
+        return [(None, 0)]
+    pieces: list[tuple[tuple[int, ...] | None, int]] = []
+    group: list[int] = []
+    first = rows = 0
+    for g in range(meta.num_row_groups):
+        group.append(g)
+        rows += meta.row_group(g).num_rows
+        if rows - first >= part_rows:
+            pieces.append((tuple(group), first))
+            group, first = [], rows
+    if group:
+        pieces.append((tuple(group), first))
+    return pieces if len(pieces) > 1 else [(None, 0)]
+
+
+def _line_starts(path: Path, part_bytes: int) -> list[int]:
+    """0, the first line start at or after every ``part_bytes``, and -1 (the end)."""
+    size = path.stat().st_size
+    bounds = [0]
+    with open(path, "rb") as f:
+        at = part_bytes
+        while at < size:
+            f.seek(at - 1)
+            skipped = 0
+            while True:  # the line that crosses ``at`` belongs to the part before
+                piece = f.read(1 << 20)
+                nl = piece.find(b"\n")
+                if nl >= 0 or not piece:
+                    break
+                skipped += len(piece)
+            if nl < 0:
+                break
+            cut = at - 1 + skipped + nl + 1
+            if cut >= size:
+                break
+            if cut > bounds[-1]:
+                bounds.append(cut)
+            at = cut + part_bytes
+    return [*bounds, -1]
+
+
+# ---------------------------------------------------------------------------------------------
+# On a worker.
+
+
+def where() -> str:
+    """The node this runs on, as Slurm names it (the host name outside Slurm)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def part_dir(work: Path, index: int) -> Path:
+    return Path(work) / "parts" / f"p{index:05d}"
+
+
+def read_part(part: Part, work: str, n_buckets: int, meta_ids: pa.Array, metadata: str,
+              now_ms: int) -> dict[str, Any]:
+    """Read, check and spill one part (module doc); return its counts. A part finished before
+    (its ``done.json`` exists) is not read again."""
+    folder = part_dir(Path(work), part.index)
+    if (folder / DONE).is_file():
+        return dict(read_json(folder / DONE), skipped=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a part cut short by a kill starts over
+    folder.mkdir(parents=True)
+    start = time.perf_counter()
+    path = Path(part.path)
+    rows_in = valid = seconds_like = with_ts = 0
+    lines = 0
+    products: list[pa.Array] = []
+    coverage_checked = False
+    spill = Spill(folder, n_buckets)
+    base = part.index << ROW_SHIFT
+    with Quarantine(folder / "quarantine.jsonl") as quarantine:
+        chunks = read_reviews(path, part.start, None if part.stop < 0 else part.stop,
+                              part.row_groups, part.first_row)
+        for chunk in chunks:
+            for line, reason, raw in chunk.refused:
+                quarantine.add(part.path, line, reason, raw)
+            n = chunk.table.num_rows + len(chunk.refused)
+            rows_in += n
+            lines = max(lines, chunk.next_line - 1)
+            good, n_seconds, n_ts = validate(chunk, now_ms, quarantine)
+            seconds_like += n_seconds
+            with_ts += n_ts
+            if good.num_rows == 0:
+                continue
+            rows = spill_rows(good.table, base + rows_in - n + np.flatnonzero(good.mask))
+            uniq = pc.unique(rows.column("parent_asin"))
+            products.append(uniq)
+            if len(products) > 16:  # keep the distinct products compact
+                products = [pc.unique(pa.chunked_array(products).combine_chunks())]
+            # Metadata of another category shows in the first products already: fail early.
+            if not coverage_checked and len(uniq) >= 50:
+                check_coverage(uniq, meta_ids, path, Path(metadata))
+                coverage_checked = True
+            spill.add(rows)
+            valid += rows.num_rows
+        spill.close()
+        reasons = dict(quarantine.reasons)
+    distinct = (pc.unique(pa.chunked_array(products, pa.string()).combine_chunks())
+                if products else pa.array([], pa.string()))
+    pq.write_table(pa.table({"parent_asin": distinct}), folder / "products.parquet")
+    result = {"part": asdict(part), "rows_in": rows_in, "valid": valid, "lines": lines,
+              "seconds_like": seconds_like, "with_timestamp": with_ts, "reasons": reasons,
+              "seconds": round(time.perf_counter() - start, 3), "node": where()}
+    write_json(folder / DONE, result)
+    return result
+
+
+def spill_file(work: Path, part: int, n_buckets: int, bucket: int) -> Path:
+    return part_dir(work, part) / f"n{n_buckets}" / f"{bucket:05d}.parquet"
+
+
+def regroup_part(work: str, part: int, old: int, new: int) -> str:
+    """Re-spill one part's rows from ``old`` buckets into ``new`` ones; returns the node."""
+    folder = part_dir(Path(work), part)
+    marker = folder / f"regrouped-n{new}.json"
+    if marker.is_file():
+        return where()
+    shutil.rmtree(folder / f"n{new}", ignore_errors=True)
+    spill = Spill(folder, new)
+    for b in range(old):
+        src = spill_file(Path(work), part, old, b)
+        if src.exists():
+            for batch in pq.ParquetFile(src).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                spill.add(pa.Table.from_batches([batch]))
+    spill.close()
+    write_json(marker, {"from": old, "to": new})
+    shutil.rmtree(folder / f"n{old}", ignore_errors=True)
+    return where()
+
+
+def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int) -> dict[str, Any]:
+    """Sort, deduplicate and write one bucket from every part's spill (in part order) to
+    ``work/reviews/bucket=NNNNN/part-0.parquet``; a bucket finished before is kept."""
+    root = Path(work)
+    stats_path = root / "buckets" / f"{bucket:05d}.json"
+    if stats_path.is_file():
+        return dict(read_json(stats_path), skipped=True)
+    sources = [spill_file(root, p, n_buckets, bucket) for p in range(n_parts)]
+    tables = [pq.read_table(s) for s in sources if s.exists()]
+    table = pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
+    del tables
+    out = root / "reviews" / f"bucket={bucket:05d}" / "part-0.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out) as tmp:
+        stats = write_bucket(table, tmp)
+    result = {**asdict(stats), "bucket": bucket, "node": where()}
+    write_json(stats_path, result)
+    for s in sources:
+        s.unlink(missing_ok=True)
+    return result
+
+
+def merge_quarantine(work: Path, parts: list[Part], results: dict[int, dict[str, Any]],
+                     quarantine: Quarantine) -> None:
+    """Every part's quarantine into ``quarantine`` in input order, JSON line numbers counted
+    from the file's first line (a byte-range part numbers its lines from its own start)."""
+    offset = 0
+    previous = ""
+    for part in parts:
+        if part.path != previous:
+            offset, previous = 0, part.path
+        src = part_dir(work, part.index) / "quarantine.jsonl"
+        json_part = part.row_groups is None and not part.whole_file
+        if src.exists():
+            with open(src, encoding="utf-8") as f:
+                for text in f:
+                    entry = json.loads(text)
+                    line = entry["line"] + offset if json_part else entry["line"]
+                    quarantine.add(entry["source"], line, entry["reason"], entry["raw"])
+        offset += results[part.index]["lines"]
+
+
+def distinct_products(work: Path, parts: list[Part]) -> pa.Array:
+    """Every reviewed product once, over all parts."""
+    tables = [pq.read_table(part_dir(work, p.index) / "products.parquet") for p in parts]
+    column = pa.concat_tables(tables).column("parent_asin") if tables else pa.chunked_array(
+        [], pa.string())
+    return pc.unique(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)

@@ -1,0 +1,222 @@
+"""Ingest on Dask: parts of files in parallel, exact whatever the parallelism, resumable.
+
+Inputs mix what can be split (an uncompressed JSON lines file cut at line starts, a parquet file
+cut at row groups) with what cannot (gzip), with bad rows and duplicates across parts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from hpcpipe.config import IngestConfig
+from hpcpipe.steps import ingest as ingest_module
+from hpcpipe.steps.ingest import ingest
+from hpcpipe.steps.ingest import parts as parts_module
+from hpcpipe.steps.ingest.parts import plan_parts
+from hpcpipe.steps.synth import write_synthetic
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_ingest import review, write_lines  # noqa: E402
+
+
+def _inputs(tmp_path: Path) -> tuple[list[Path], Path]:
+    """Three category files (one gz), a parquet copy of another, a file of bad lines whose
+    duplicates repeat rows of the first file."""
+    raw = tmp_path / "raw"
+    made = write_synthetic(raw, 12_000, seed=9, files=3, fmt="jsonl", sizes="realistic")
+    files = [Path(p) for p in made["reviews_files"]]
+    pq_made = write_synthetic(tmp_path / "pq", 12_000, seed=9, fmt="parquet")
+    table = pq.read_table(pq_made["reviews"]).slice(3_000, 6_000)  # the same products
+    pq.write_table(table, raw / "more.parquet", row_group_size=1_000)
+    first = [json.loads(x) for x in files[0].read_text().splitlines()[:40]]
+    bad = [*first[:20], '{"rating": 5.0, "parent_asin": ', review(1, rating=9.0),
+           review(2, timestamp=-1), *first[20:40]]
+    write_lines(raw / "extra.jsonl.gz", bad)
+    meta = Path(made["metadata"])
+    return [files[0], files[1], raw / "more.parquet", raw / "extra.jsonl.gz", files[2]], meta
+
+
+def _output(out: Path) -> dict[str, object]:
+    buckets = {p.parent.name: pq.read_table(p) for p in sorted(out.glob("reviews/*/*.parquet"))}
+    manifest = json.loads((out / "manifest.json").read_text())
+    return {"buckets": buckets, "quarantine": (out / "quarantine.jsonl").read_text(),
+            "products": pq.read_table(out / "products.parquet"),
+            "counts": {k: manifest[k] for k in ("rows_in", "rows_out", "quarantined",
+                                                "duplicates", "n_buckets", "reasons")}}
+
+
+def _same(a: dict[str, object], b: dict[str, object]) -> None:
+    assert a["counts"] == b["counts"]
+    assert a["quarantine"] == b["quarantine"]
+    assert a["products"].equals(b["products"])
+    assert a["buckets"].keys() == b["buckets"].keys()
+    for name, table in a["buckets"].items():
+        assert table.equals(b["buckets"][name]), name
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    return _inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def one_part_each(inputs, tmp_path_factory) -> dict[str, object]:
+    """The reference: every file one part, read in this process."""
+    out = tmp_path_factory.mktemp("whole") / "out"
+    ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    return _output(out)
+
+
+def _small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(parts_module, "PART_BYTES", 400_000)
+    monkeypatch.setattr(parts_module, "PART_ROWS", 2_000)
+
+
+def test_files_split_where_their_format_allows(inputs, monkeypatch):
+    _small_parts(monkeypatch)
+    parts = plan_parts(inputs[0])
+    names = [Path(p.path).name for p in parts]
+    assert names.count("extra.jsonl.gz") == 1  # gzip: never split
+    assert names.count("more.parquet") == 3  # 6 row groups of 1,000 rows, 2,000 rows a part
+    assert names.count(inputs[0][0].name) >= 3  # JSON lines cut at line starts
+    for p in parts:
+        if p.stop > 0:
+            with open(p.path, "rb") as f:
+                f.seek(p.stop - 1)
+                assert f.read(1) == b"\n"
+    assert [p.index for p in parts] == list(range(len(parts)))
+
+
+def test_parts_on_a_dask_cluster_give_the_output_of_one_part_per_file(inputs, one_part_each,
+                                                                      tmp_path, monkeypatch,
+                                                                      caplog):
+    from distributed import Client, LocalCluster
+
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client, \
+            caplog.at_level(logging.INFO, logger="hpcpipe"):
+        m = ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000), client=client)
+    assert "on 2 Dask workers" in caplog.text
+    assert m["quarantined"] == 3 and m["duplicates"] >= 40
+    quarantined = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [(Path(q["source"]).name, q["line"]) for q in quarantined] == [
+        ("extra.jsonl.gz", 21), ("extra.jsonl.gz", 22), ("extra.jsonl.gz", 23)]
+    _same(_output(out), one_part_each)
+    assert not list(out.glob(".work-*")) and not list(out.glob(".tmp-*"))
+
+
+def test_a_killed_ingest_does_not_read_finished_parts_again(inputs, one_part_each, tmp_path,
+                                                             monkeypatch, caplog):
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    real_finish = ingest_module.finish_bucket
+    calls = []
+
+    def dies_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(args)
+        return real_finish(*args)
+
+    monkeypatch.setattr(ingest_module, "finish_bucket", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    assert not (out / "manifest.json").exists() and not (out / "reviews").exists()
+    monkeypatch.setattr(ingest_module, "finish_bucket", real_finish)
+    read = []
+    real_read = ingest_module.read_part
+    monkeypatch.setattr(ingest_module, "read_part",
+                        lambda part, *a: read.append(part) or real_read(part, *a))
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    n_parts = len(plan_parts(inputs[0]))
+    assert caplog.text.count("already read, skipped") == n_parts
+    assert caplog.text.count("already written, skipped") == 2
+    assert "continuing the ingest" in caplog.text
+    _same(_output(out), one_part_each)
+
+
+def test_a_part_cut_short_is_read_again_from_its_start(inputs, one_part_each, tmp_path,
+                                                        monkeypatch):
+    """A part killed while spilling leaves spill files but no done.json: redone whole."""
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    real_read = ingest_module.read_part
+
+    def dies_in_part_three(part, *a):
+        if part.index == 2:
+            (parts_module.part_dir(Path(a[0]), 2) / "n5").mkdir(parents=True)
+            (parts_module.part_dir(Path(a[0]), 2) / "n5" / "00000.parquet").write_bytes(b"junk")
+            raise KeyboardInterrupt("killed")
+        return real_read(part, *a)
+
+    monkeypatch.setattr(ingest_module, "read_part", dies_in_part_three)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    monkeypatch.setattr(ingest_module, "read_part", real_read)
+    ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    _same(_output(out), one_part_each)
+
+
+def test_rows_numbered_per_part_keep_the_first_in_input_order(tmp_path, monkeypatch):
+    """Duplicates in different parts: the one of the earlier part is kept, on any worker."""
+    _small_parts(monkeypatch)
+    monkeypatch.setattr(parts_module, "PART_BYTES", 3_000)
+    rows = [review(i) for i in range(100)]
+    rows += [dict(review(i), title=f"second copy {i}") for i in range(0, 100, 10)]
+    write_lines(tmp_path / "r.jsonl", rows)
+    write_lines(tmp_path / "m.jsonl", [{"parent_asin": f"P{i}"} for i in range(7)])
+    assert len(plan_parts([tmp_path / "r.jsonl"])) > 3
+    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", IngestConfig())
+    titles = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "out").glob(
+        "reviews/*/*.parquet")).column("title").to_pylist()
+    assert m["duplicates"] == 10 and "second copy 0" not in titles
+
+
+@pytest.mark.slurm
+def test_ingest_on_two_nodes_uses_both_and_matches_one_node(slurm_cluster, tmp_path):
+    """The ingest job on 2 nodes x 3 tasks under srun: the SLURMRunner's scheduler and client
+    take n1's first two tasks, its third and n2's tasks are workers; parts and buckets run on both
+    nodes (the log names them) and the output is that of one process."""
+    import subprocess
+
+    import yaml
+
+    from hpcpipe.config import RunConfig
+    from hpcpipe.run.layout import RunLayout
+
+    made = write_synthetic(tmp_path / "raw", 30_000, seed=3, files=6, sizes="realistic")
+    config = RunConfig()
+    config.data.reviews = made["reviews_files"]
+    config.data.metadata = made["metadata"]
+    config.ingest.target_bucket_rows = 3_000
+    layout = RunLayout(tmp_path / "run")
+    layout.root.mkdir(parents=True)
+    layout.config.write_text(yaml.safe_dump(config.to_dict()))
+    out = tmp_path / "job.out"
+    cmd = (f"srun --kill-on-bad-exit=1 --label --cpus-per-task=$SLURM_CPUS_PER_TASK "
+           f"{sys.executable} -m hpcpipe.jobs.ingest --run-dir {layout.root}")
+    repo = Path(__file__).resolve().parents[1]
+    job = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=3", "--cpus-per-task=1",
+                               "--time=5", f"--output={out}", "--wrap", cmd, cwd=repo)
+    state = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
+                                     timeout=240)
+    log = out.read_text() if out.exists() else ""
+    assert state == "COMPLETED", log
+    assert "2 nodes x" in log and "client on rank 1" in log and "on 3 Dask workers" in log, log
+    assert " on n1" in log and " on n2" in log, log  # parts or buckets ran on both nodes
+    one = tmp_path / "one-node"
+    ingest([Path(p) for p in made["reviews_files"]], made["metadata"], one,
+           IngestConfig(target_bucket_rows=3_000))
+    _same(_output(layout.ingest), _output(one))
+    assert subprocess.run(["grep", "-c", "part 6/6", str(out)], capture_output=True,
+                          text=True).stdout.strip() == "1"
