@@ -121,3 +121,20 @@ def test_realistic_files_are_deterministic_and_split_by_category(tmp_path):
     assert sum(len(_read_jsonl_gz(f)) for f in a["reviews_files"]) == 3_000
     with pytest.raises(ValueError, match="one per category"):
         write_synthetic(tmp_path / "x", 10, files=17)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_realistic_metadata_is_written_in_slices_with_the_same_records(tmp_path, monkeypatch,
+                                                                       fmt):
+    """At 31.8M reviews the metadata strings pass Arrow's 2 GB per array: slices of products."""
+    import hpcpipe.steps.synth as synth
+
+    whole = write_synthetic(tmp_path / "w", 4_000, seed=6, fmt=fmt, sizes="realistic")
+    monkeypatch.setattr(synth, "_META_SLICE", 7)
+    sliced = write_synthetic(tmp_path / "s", 4_000, seed=6, fmt=fmt, sizes="realistic")
+    if fmt == "jsonl":
+        assert open(whole["metadata"], "rb").read() == open(sliced["metadata"], "rb").read()
+        assert len(open(sliced["metadata"], "rb").read().splitlines()) == 50
+    else:
+        assert pq.read_table(whole["metadata"]).equals(pq.read_table(sliced["metadata"]))
+        assert pq.read_table(sliced["metadata"]).num_rows == 50

@@ -561,56 +561,82 @@ def _meta_table(products: dict[str, Any]) -> pa.Table:
 
 
 
+#: Products per slice of realistic metadata: ~7 KB a record stays far below Arrow's 2 GB limit
+#: of one string array.
+_META_SLICE = 50_000
+
+
 def _write_realistic_meta(path: Path, fmt: str, meta: pa.Table, products: dict[str, Any],
                           seed: int) -> None:
     """Metadata records of realistic size (:mod:`hpcpipe.steps.synth_sizes`): the compact
-    columns plus features, description, price, images, videos and details."""
+    columns plus features, description, price, images, videos and details; written a slice of
+    products at a time."""
     pools = synth_sizes.meta_pools(seed, [(c[0], c[2]) for c in CATEGORIES])
     flat = [e for per_cat in pools for e in per_cat]
-    take = pa.array(products["cat"] * synth_sizes.META_PER_CATEGORY
-                    + synth_sizes.meta_picks(seed, products["n"]))
+    take = products["cat"] * synth_sizes.META_PER_CATEGORY + synth_sizes.meta_picks(
+        seed, products["n"])
     price_rng = np.random.default_rng([seed, 14])
     price = np.round(np.exp(price_rng.normal(3.0, 0.8, products["n"])), 2)
     no_price = price_rng.random(products["n"]) < 0.3
+    slices = range(0, products["n"], _META_SLICE)
     if fmt == "parquet":
-        def column(key: str, typ: pa.DataType) -> pa.Array:
-            return pa.array([e[key] for e in flat], typ).take(take)
-
-        table = pa.table({
-            "main_category": meta.column("main_category"), "title": meta.column("title"),
-            "average_rating": meta.column("average_rating"),
-            "rating_number": meta.column("rating_number"),
-            "features": column("features", pa.list_(pa.string())),
-            "description": column("description", pa.list_(pa.string())),
-            "price": pa.array(price, mask=no_price),
-            "images": column("images", pa.list_(pa.struct([(k, pa.string()) for k in (
-                "thumb", "large", "hi_res", "variant")]))),
-            "videos": pa.array([[]] * products["n"], pa.list_(pa.string())),
-            "store": meta.column("store"), "categories": meta.column("categories"),
-            "details": pa.array([json.dumps(e["details"]) for e in flat], pa.string()).take(take),
-            "parent_asin": meta.column("parent_asin"),
-        })
-        pq.write_table(table, path, compression="zstd")
+        image = pa.struct([(k, pa.string()) for k in ("thumb", "large", "hi_res", "variant")])
+        pool = {"features": pa.array([e["features"] for e in flat], pa.list_(pa.string())),
+                "description": pa.array([e["description"] for e in flat], pa.list_(pa.string())),
+                "images": pa.array([e["images"] for e in flat], pa.list_(image)),
+                "details": pa.array([json.dumps(e["details"]) for e in flat], pa.string())}
+        writer: pq.ParquetWriter | None = None
+        try:
+            for lo in slices:
+                part = meta.slice(lo, _META_SLICE)
+                pick = pa.array(take[lo:lo + _META_SLICE])
+                table = pa.table({
+                    "main_category": part.column("main_category"), "title": part.column("title"),
+                    "average_rating": part.column("average_rating"),
+                    "rating_number": part.column("rating_number"),
+                    "features": pool["features"].take(pick),
+                    "description": pool["description"].take(pick),
+                    "price": pa.array(price[lo:lo + _META_SLICE],
+                                      mask=no_price[lo:lo + _META_SLICE]),
+                    "images": pool["images"].take(pick),
+                    "videos": pa.array([[]] * part.num_rows, pa.list_(pa.string())),
+                    "store": part.column("store"), "categories": part.column("categories"),
+                    "details": pool["details"].take(pick),
+                    "parent_asin": part.column("parent_asin"),
+                })
+                if writer is None:
+                    writer = pq.ParquetWriter(path, table.schema, compression="zstd")
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
         return
 
     def quoted(values: Any) -> pa.Array:
         return pa.array([json.dumps(v, separators=(",", ":")) for v in values], pa.string())
 
-    def pooled(key: str) -> pa.Array:
-        return quoted(e[key] for e in flat).take(take)
+    pool_json = {k: quoted(e[k] for e in flat)
+                 for k in ("features", "description", "images", "details")}
 
-    price_s = pc.if_else(pa.array(no_price), pa.scalar("null"), pa.array(price).cast(pa.string()))
-    lines = pc.binary_join_element_wise(
-        '{"main_category":', quoted(meta.column("main_category").to_pylist()),
-        ',"title":', quoted(meta.column("title").to_pylist()),
-        ',"average_rating":', meta.column("average_rating").cast(pa.string()),
-        ',"rating_number":', meta.column("rating_number").cast(pa.string()),
-        ',"features":', pooled("features"), ',"description":', pooled("description"),
-        ',"price":', price_s, ',"images":', pooled("images"), ',"videos":[],"store":',
-        quoted(meta.column("store").to_pylist()),
-        ',"categories":', quoted(meta.column("categories").to_pylist()),
-        ',"details":', pooled("details"),
-        ',"parent_asin":"', meta.column("parent_asin"), '","bought_together":null}\n', "")
-    lines = lines.combine_chunks() if isinstance(lines, pa.ChunkedArray) else lines
-    _write_jsonl(path, (_joined(lines.slice(lo, CHUNK_ROWS // 10))
-                        for lo in range(0, len(lines), CHUNK_ROWS // 10)), fmt == "jsonl.gz")
+    def lines(lo: int) -> pa.Buffer:
+        part = meta.slice(lo, _META_SLICE)
+        pick = pa.array(take[lo:lo + _META_SLICE])
+        price_s = pc.if_else(pa.array(no_price[lo:lo + _META_SLICE]), pa.scalar("null"),
+                             pa.array(price[lo:lo + _META_SLICE]).cast(pa.string()))
+        joined = pc.binary_join_element_wise(
+            '{"main_category":', quoted(part.column("main_category").to_pylist()),
+            ',"title":', quoted(part.column("title").to_pylist()),
+            ',"average_rating":', part.column("average_rating").cast(pa.string()),
+            ',"rating_number":', part.column("rating_number").cast(pa.string()),
+            ',"features":', pool_json["features"].take(pick),
+            ',"description":', pool_json["description"].take(pick),
+            ',"price":', price_s, ',"images":', pool_json["images"].take(pick),
+            ',"videos":[],"store":', quoted(part.column("store").to_pylist()),
+            ',"categories":', quoted(part.column("categories").to_pylist()),
+            ',"details":', pool_json["details"].take(pick),
+            ',"parent_asin":"', part.column("parent_asin"), '","bought_together":null}\n', "")
+        if isinstance(joined, pa.ChunkedArray):
+            joined = joined.combine_chunks()
+        return _joined(joined)
+
+    _write_jsonl(path, (lines(lo) for lo in slices), fmt == "jsonl.gz")
