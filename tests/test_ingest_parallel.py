@@ -220,3 +220,24 @@ def test_ingest_on_two_nodes_uses_both_and_matches_one_node(slurm_cluster, tmp_p
     _same(_output(layout.ingest), _output(one))
     assert subprocess.run(["grep", "-c", "part 6/6", str(out)], capture_output=True,
                           text=True).stdout.strip() == "1"
+
+
+def test_bad_input_found_on_a_worker_is_refused_naming_the_file(inputs, tmp_path):
+    """A truncated gzip among several files, read on a Dask worker: the step fails with the
+    same what/where/how-to-fix message as in one process, and nothing looks complete."""
+    from distributed import Client, LocalCluster
+
+    from hpcpipe.errors import InputError
+
+    files, meta = inputs
+    cut = tmp_path / "cut.jsonl.gz"
+    data = (files[3]).read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        with pytest.raises(InputError, match=r"cut\.jsonl\.gz is truncated or corrupt.*fetch it "
+                                             "again"):
+            ingest([files[0], cut, files[1]], meta, tmp_path / "out", IngestConfig(),
+                   client=client)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    assert not (tmp_path / "out" / "reviews").exists()
