@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 #: (each with its own id) do not collide.
 PORT_BASE, PORT_SPAN = 15000, 20000
 
+#: Set to 1 to let the train step train on CPU in an allocation with GPUs that CUDA cannot use;
+#: without it that is an error (a GPU job on CPU would hold its GPUs for nothing).
+ALLOW_CPU_ON_GPU_ALLOCATION = "HPCPIPE_ALLOW_CPU_ON_GPU_ALLOCATION"
+
 
 def _int(value: str | None) -> int | None:
     """The leading whole number of a variable: "32" and "32(x2)" both give 32; junk gives None."""
@@ -213,3 +217,32 @@ class JobEnvironment:
         if port:
             return port
         return PORT_BASE + (_int(self._get("SLURM_JOB_ID")) or 0) % PORT_SPAN
+
+    # -- GPUs ----------------------------------------------------------------------------------
+
+    @property
+    def allocated_gpus(self) -> list[str]:
+        """The GPUs the allocation gives this process, as it names them: ``CUDA_VISIBLE_DEVICES``
+        (set by Slurm's gres plugin, or by hand), else ``SLURM_STEP_GPUS``/``SLURM_JOB_GPUS``,
+        else ``SLURM_GPUS_ON_NODE`` (a count); [] where none is (Slurm writes ``NoDevFiles``)."""
+        for name in ("CUDA_VISIBLE_DEVICES", "SLURM_STEP_GPUS", "SLURM_JOB_GPUS"):
+            value = self._get(name).strip()
+            if value:
+                ids = [v.strip() for v in value.split(",") if v.strip()]
+                return [] if ids in (["NoDevFiles"], ["-1"]) else ids
+        count = _int(self._get("SLURM_GPUS_ON_NODE")) or 0
+        return [str(i) for i in range(count)]
+
+    @property
+    def cpu_on_gpu_allocation_allowed(self) -> bool:
+        """``HPCPIPE_ALLOW_CPU_ON_GPU_ALLOCATION=1``: train on CPU even where the allocation
+        has GPUs that CUDA cannot use (a test cluster whose GPUs are declared, not real)."""
+        return self._get(ALLOW_CPU_ON_GPU_ALLOCATION).strip().lower() in ("1", "true", "yes")
+
+    @property
+    def node_gpus(self) -> str:
+        """The GPUs of the job on this node as NVML numbers them (``SLURM_STEP_GPUS`` or
+        ``SLURM_JOB_GPUS``; a rank's ``CUDA_VISIBLE_DEVICES`` may show only its own); "" where
+        unknown (then every GPU the node has)."""
+        return (self._get("SLURM_STEP_GPUS") or self._get("SLURM_JOB_GPUS")
+                or self._get("CUDA_VISIBLE_DEVICES"))

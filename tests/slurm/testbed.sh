@@ -189,8 +189,14 @@ AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 MailProg=/bin/true
 NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$SLURMD_PORTS CPUs=32 RealMemory=64000 Gres=gpu:2 State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP
-PartitionName=short Nodes=n[1-2] MaxTime=00:10:00 State=UP
+# Preemption as many sites run it: a job of a higher PriorityTier partition requeues the jobs in
+# its way, which get SIGTERM (no warning signal: no send_user_signal) and GraceTime to stop.
+# Only the tests that submit to "urgent" preempt anything.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=60
+PartitionName=short Nodes=n[1-2] MaxTime=00:10:00 State=UP PriorityTier=1 GraceTime=60
+PartitionName=urgent Nodes=n[1-2] MaxTime=00:10:00 State=UP PriorityTier=2
 EOF
     # GRES needs character devices: a plain file is rejected, no File= gives a count of 0.
     write_if_changed "$DIR/gres.conf" 644 <<EOF && changed=0
@@ -374,12 +380,16 @@ cmd_start() {
     start_slurmctld
     start_slurmd
     wait_nodes
-    say "cluster $CLUSTER up in $((SECONDS - t0))s: nodes n1 n2, partitions debug (default), short"
+    say "cluster $CLUSTER up in $((SECONDS - t0))s: nodes n1 n2, partitions debug (default), short, urgent"
     print_hint
 }
 
 print_hint() {
     echo "export SLURM_CONF=$CONF"
+    # The nodes' GPUs are declared on character devices, not real: the train step, which refuses
+    # to train on CPU where the allocation has GPUs CUDA cannot use, is told CPU is meant. Jobs
+    # inherit it from the submitting shell (sbatch's default --export=ALL).
+    echo "export HPCPIPE_ALLOW_CPU_ON_GPU_ALLOCATION=1"
     [[ $SLURM_VERSION == 22.05 ]] || echo "export PATH=$SLURM_PREFIX_2511/bin:$SLURM_PREFIX_2511/sbin:\$PATH"
 }
 
