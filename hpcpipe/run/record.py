@@ -51,6 +51,10 @@ class JobRecord:
     total_cpu: str = ""
     req_mem: str = ""
     max_rss_bytes: str = ""
+    #: GPU use as Slurm accounts it (sacct's gres/gpuutil and gres/gpumem), where the site does.
+    gpu_util_ave: str = ""
+    gpu_util_max: str = ""
+    gpu_mem_max: str = ""
     accounted: bool = False
     failed_dependency: str = ""
     #: Keys of a newer state file, kept as they are.

@@ -130,8 +130,14 @@ def parse_squeue(out: str) -> dict[str, JobInfo]:
     return jobs
 
 
-_SACCT_FIELDS = ["JobID", "State", "ExitCode", "Elapsed", "Timelimit", "NodeList", "Submit",
-                 "Start", "End", "Reason", "AllocCPUS", "TotalCPU", "MaxRSS", "ReqMem"]
+_SACCT_BASE = ["JobID", "State", "ExitCode", "Elapsed", "Timelimit", "NodeList", "Submit",
+               "Start", "End", "Reason", "AllocCPUS", "TotalCPU", "MaxRSS", "ReqMem"]
+#: GPU use per step, where the site accounts it (Slurm 23.02+ with AccountingStorageTRES including
+#: gres/gpuutil and gres/gpumem, gathered through NVML): gres/gpuutil in % and gres/gpumem in
+#: bytes with a unit, per task (summed over the node's GPUs from 24.05). Last, so that output of
+#: a sacct without them (or a recorded fixture) still parses.
+_SACCT_GPU = ["TRESUsageInAve", "TRESUsageInMax"]
+_SACCT_FIELDS = _SACCT_BASE + _SACCT_GPU
 
 
 _REQ_MEM = re.compile(r"[\d.]+[KMGTP]?[nc]?")
@@ -162,17 +168,21 @@ def parse_sacct(out: str) -> dict[str, JobInfo]:
     jobs: dict[str, JobInfo] = {}
     requeues: dict[str, int] = {}
     max_rss: dict[str, int] = {}
+    gpu: dict[str, dict[str, float]] = {}
     for line in out.splitlines():
         parts = line.split("|")
-        if len(parts) < len(_SACCT_FIELDS):
+        if len(parts) < len(_SACCT_BASE):
             continue
         row = dict(zip(_SACCT_FIELDS, parts, strict=False))
         jid = row["JobID"]
         base = jid.split(".")[0].split("_")[0]
-        if "." in jid:  # a job step: keep the largest MaxRSS
+        if "." in jid:  # a job step: keep the largest MaxRSS, and the largest GPU use
             rss = parse_mem(row["MaxRSS"])
             if rss is not None:
                 max_rss[base] = max(max_rss.get(base, 0), rss)
+            for key, value in parse_gpu_tres(row.get("TRESUsageInAve", ""),
+                                             row.get("TRESUsageInMax", "")).items():
+                gpu.setdefault(base, {})[key] = max(gpu.get(base, {}).get(key, 0), value)
             continue
         state = row["State"].split()[0] if row["State"] else "UNKNOWN"
         by = row["State"].split(" by ")[1].strip() if " by " in row["State"] else ""
@@ -203,7 +213,26 @@ def parse_sacct(out: str) -> dict[str, JobInfo]:
         info.restarts = requeues.get(base, 0)
         if base in max_rss:
             info.extra["max_rss_bytes"] = str(max_rss[base])
+        for key, value in gpu.get(base, {}).items():
+            info.extra[key] = f"{value:.0f}" if key == "gpu_mem_max" else f"{value:g}"
     return jobs
+
+
+def parse_gpu_tres(ave: str, peak: str) -> dict[str, float]:
+    """GPU use of one step from sacct's TRESUsageInAve and TRESUsageInMax (``...,gres/gpumem=
+    1234M,gres/gpuutil=87,...``): gpu_util_ave and gpu_util_max in %, gpu_mem_max in bytes;
+    only what the site records."""
+    out: dict[str, float] = {}
+    for text, suffix in ((ave, "ave"), (peak, "max")):
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            if key == "gres/gpuutil" and value.replace(".", "", 1).isdigit():
+                out[f"gpu_util_{suffix}"] = float(value)
+            elif key == "gres/gpumem" and suffix == "max":
+                mem = parse_mem(value)
+                if mem is not None:
+                    out["gpu_mem_max"] = float(mem)
+    return out
 
 
 def scontrol_jobs(job_ids: list[str]) -> dict[str, JobInfo]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from hpcpipe.config import load_config
 from hpcpipe.errors import ConfigError
+from hpcpipe.run import gpu_samples
 from hpcpipe.run.folder import Run
 from hpcpipe.run.metrics import read_metrics
 from hpcpipe.run.provenance import RECORDS, out_of_date
@@ -452,6 +453,8 @@ def build_report(run: Run) -> str:
             s = {k: v for k, v in summ[-1].items() if k not in ("time", "step", "kind")}
             lines.append(f"- **{step}**: " + ", ".join(f"{k}={_fmt(v)}" for k, v in s.items()))
     lines += _training_section(run, metrics)
+    if "train" in run.steps():
+        lines += gpu_section(run, metrics)
     if run.layout.predictions.exists():
         lines.append(f"Predictions: {run.layout.predictions}")
     diags = diagnose(run)
@@ -508,6 +511,54 @@ def _training_section(run: Run, metrics: list[dict[str, Any]]) -> list[str]:
     ckpt = run.layout.train / "checkpoints" / "best.pt"
     if ckpt.exists():
         lines.append(f"Best checkpoint: {ckpt}")
+    return lines
+
+
+def gpu_section(run: Run, metrics: list[dict[str, Any]]) -> list[str]:
+    """GPU use of the train step, each figure labelled by its source: the job's NVML samples
+    (per GPU: mean utilisation, peak memory, idle GPUs; requeued starts), the loader's data-wait
+    fraction (train metrics) and, where the site accounts it, Slurm's gres/gpuutil and
+    gres/gpumem (sacct). One line where there is no GPU record at all."""
+    records = gpu_samples.read_samples(run.layout.train)
+    waits = [m["data_wait_frac"] for m in metrics
+             if m.get("step") == "train" and m.get("kind") == "train"
+             and isinstance(m.get("data_wait_frac"), (int, float))]
+    wait = (f"the training loop waited for data {100 * sum(waits) / len(waits):.0f}% of its "
+            f"time (train metrics, mean of {len(waits)} log intervals)") if waits else ""
+    accounted = [rec for rec in run.jobs("train") if rec.gpu_util_ave or rec.gpu_util_max
+                 or rec.gpu_mem_max]
+    if not records and not accounted:
+        return ["", "GPU use: none recorded (no GPU samples in train/gpu/ and no GPU accounting "
+                "in sacct: the step trained on CPU, or nvidia-ml-py is not installed)"
+                + (f"; {wait}" if wait else "") + "."]
+    lines = ["", "## GPU use", ""]
+    if records:
+        gpus = gpu_samples.summarize(records)
+        starts = len({r.get("restart", 0) for r in records})
+        lines += [f"NVML samples of the train job ({len(records)} samples, {starts} start(s) of "
+                  "the job):", "", "| GPU | samples | mean utilisation | peak memory | idle |",
+                  "|---|---|---|---|---|"]
+        for g in gpus:
+            total = f" of {_bytes(g['mem_total'])}" if g.get("mem_total") else ""
+            lines.append(f"| {g['host']}:{g['index']} ({g['name']}) | {g['samples']} | "
+                         f"{g['util_mean']:.0f}% | {_bytes(g['mem_peak'])}{total} | "
+                         f"{'yes' if g['idle'] else 'no'} |")
+        idle = [f"{g['host']}:{g['index']}" for g in gpus if g["idle"]]
+        lines += ["", f"Idle GPUs (mean utilisation under 5%): {', '.join(idle) or 'none'}."]
+    else:
+        lines.append("No NVML samples (nvidia-ml-py absent on the nodes, or NVML did not start).")
+    if wait:
+        lines.append(f"Data wait: {wait}.")
+    for rec in accounted:
+        parts = []
+        if rec.gpu_util_ave:
+            parts.append(f"mean utilisation {float(rec.gpu_util_ave):.0f}%")
+        if rec.gpu_util_max:
+            parts.append(f"peak utilisation {float(rec.gpu_util_max):.0f}%")
+        if rec.gpu_mem_max:
+            parts.append(f"peak memory {_bytes(rec.gpu_mem_max)}")
+        lines.append(f"Slurm accounting (sacct gres/gpuutil, gres/gpumem; per task, summed over "
+                     f"the node's GPUs from Slurm 24.05), job {rec.job_id}: {', '.join(parts)}.")
     return lines
 
 
