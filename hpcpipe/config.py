@@ -115,8 +115,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    #: "fp16" (CUDA default), "bf16" or "fp32"; on CPU fp16 falls back to fp32.
-    precision: str = "fp16"
+    #: "auto" (bf16 on GPUs with native bf16, compute capability 8.0+; fp16 with a loss scaler on
+    #: older GPUs; fp32 on CPU), "bf16", "fp16" or "fp32". bf16 on a GPU without it is refused.
+    precision: str = "auto"
     val_weeks: int = 8
     checkpoint_every: int = 200
     log_every: int = 20
@@ -130,6 +131,8 @@ class TrainConfig:
     train_weeks: int = 0
     #: Stop after this many optimizer steps per epoch (0 = the whole epoch); for quick runs.
     max_steps_per_epoch: int = 0
+    #: torch.compile the model (the first steps are slower while it compiles; off by default).
+    compile: bool = False
 
 
 @dataclass
@@ -561,8 +564,9 @@ def validate(cfg: RunConfig) -> None:
             f"{t.gpus_per_node}; use a multiple of {t.gpus_per_node} so every node runs the same "
             "number of ranks"
         )
-    if t.precision not in ("fp16", "bf16", "fp32"):
-        raise ConfigError(f"train.precision: {t.precision!r} is not one of fp16, bf16, fp32")
+    if t.precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"train.precision: {t.precision!r} is not one of auto, bf16, fp16, "
+                          "fp32")
     limit_s = time_limit_seconds(t.time)
     if "train" in cfg.steps and 0 < limit_s <= t.signal_seconds:
         raise ConfigError(

@@ -44,7 +44,7 @@ def test_overrides_are_typed_yaml_values() -> None:
         ("features.cpus=-4", "features.cpus must be a positive integer, got -4"),
         ("train.time=2h", "train.time: '2h' is not a Slurm time limit"),
         ("features.mem=lots", "features.mem: 'lots' is not a memory size"),
-        ("train.precision=fp8", "train.precision: 'fp8' is not one of fp16, bf16, fp32"),
+        ("train.precision=fp8", "train.precision: 'fp8' is not one of auto, bf16, fp16, fp32"),
         ("train.gpus=3", "train.gpus=3 does not fill whole nodes"),
         ("steps=[ingest,bake]", "steps: ['ingest', 'bake']"),
         ("name=../../etc", "name: '../../etc' must start with a letter or digit"),

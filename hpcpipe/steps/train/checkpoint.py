@@ -145,3 +145,28 @@ def load_model_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> 
     if missing or result.unexpected_keys:
         raise RuntimeError(f"checkpoint does not fit the model: missing {missing[:5]}, "
                            f"unexpected {result.unexpected_keys[:5]}")
+
+
+def scaler_state(scaler: torch.amp.GradScaler, kept: dict[str, Any]) -> dict[str, Any]:
+    """The loss scaler's state to save: its own while it is on (fp16), else the one a
+    checkpoint brought (``kept``), so that fp16 -> bf16 -> fp16 keeps the learned scale."""
+    return scaler.state_dict() if scaler.is_enabled() else dict(kept)
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's loss scaler state into ``scaler`` where both have one; return the
+    saved state to keep (for :func:`scaler_state`).
+
+    A checkpoint may come from another precision: trained in bf16, fp32 or on CPU (scaler off,
+    saved as ``{}``) and continued in fp16 (scaler on), the scaler starts from its initial scale,
+    where ``load_state_dict`` would fail ("The source state dict is empty"); the other way
+    round, the saved scale is not used but kept.
+    """
+    if scaler.is_enabled():
+        if saved:
+            scaler.load_state_dict(saved)
+        else:
+            log.info("the checkpoint was trained without a loss scaler (bf16, fp32 or CPU): "
+                     "fp16 starts from the initial loss scale %g", scaler.get_scale())
+        return {}
+    return dict(saved)

@@ -447,7 +447,8 @@ class ForecastDataset(Dataset):
             batch["product"] = prod.astype(np.int64)
         else:
             lengths = np.asarray(self.tokens.lengths[prod])
-            width = max(1, int(lengths.max()))
+            # A multiple of 8 (tensor cores' tile), within the cached width.
+            width = min(-(-max(1, int(lengths.max())) // 8) * 8, self.tokens.ids.shape[1])
             batch["input_ids"] = np.asarray(self.tokens.ids[prod, :width], dtype=np.int64)
             batch["attention_mask"] = (np.arange(width)[None, :] < lengths[:, None]).astype(
                 np.int64)

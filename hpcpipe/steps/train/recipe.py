@@ -47,7 +47,7 @@ from hpcpipe.files import write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.runtime.env import JobEnvironment
-from hpcpipe.steps.train import checkpoint, data, dist, evaluate, predict
+from hpcpipe.steps.train import checkpoint, data, dist, evaluate, gpu_sampler, predict
 from hpcpipe.steps.train.model import (
     Forecaster,
     autocast,
@@ -58,6 +58,7 @@ from hpcpipe.steps.train.model import (
     model_dir,
     model_inputs,
     param_groups,
+    precision_name,
 )
 from hpcpipe.steps.train.stop import (
     CheckpointMismatchError,
@@ -67,6 +68,11 @@ from hpcpipe.steps.train.stop import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Optimizer steps between the ranks' checks for a stop signal or divergence (also checked at
+#: every log line, checkpoint and epoch end). Each check is a collective and reads the device's
+#: divergence flags, so it waits for the GPU: every step, it would keep the host in the loop.
+STOP_CHECK_EVERY = 8
 
 
 def warmup_cosine(warmup: int, total: int, floor: float = 0.05) -> Callable[[int], float]:
@@ -79,6 +85,16 @@ def warmup_cosine(warmup: int, total: int, floor: float = 0.05) -> Callable[[int
         return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return factor
+
+
+def fused_adamw_supported(device: torch.device) -> bool:
+    """Whether torch has a fused AdamW for ``device`` (CUDA; CPU since torch 2.4)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    try:
+        torch.optim.AdamW([probe], fused=True)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -95,9 +111,11 @@ class Interval:
     after a resume averages the whole interval, not just the part after the restart.
     """
 
-    loss_sum: float = 0.0  # per-sample loss, summed
+    # The loss and token sums stay on the device (tensors) until the log line reads them: reading
+    # them every micro-step would make the host wait for the GPU each time.
+    loss_sum: float | torch.Tensor = 0.0  # per-sample loss, summed
     samples: int = 0
-    tokens: int = 0
+    tokens: int | torch.Tensor = 0
     data_wait: float = 0.0  # seconds spent waiting for the loader
     start: float = field(default_factory=time.perf_counter)
 
@@ -107,13 +125,15 @@ class Interval:
         loss_sum, samples, tokens, data_wait, seconds = saved
         return cls(loss_sum, int(samples), int(tokens), data_wait, time.perf_counter() - seconds)
 
-    def add(self, loss: float, samples: int, tokens: int) -> None:
-        self.loss_sum += loss * samples
+    def add(self, loss: torch.Tensor, samples: int, tokens: int | torch.Tensor) -> None:
+        """Add a micro-batch's mean loss (a tensor, not read here) over ``samples`` rows."""
+        self.loss_sum = self.loss_sum + loss.detach().float() * samples
         self.samples += samples
-        self.tokens += tokens
+        self.tokens = self.tokens + tokens
 
     def sums(self) -> list[float]:
-        return [self.loss_sum, self.samples, self.tokens, self.data_wait]
+        """The sums as numbers (this reads the device: call it at a log line or checkpoint)."""
+        return [float(self.loss_sum), self.samples, float(self.tokens), self.data_wait]
 
     def seconds(self) -> float:
         return time.perf_counter() - self.start
@@ -166,8 +186,8 @@ class TrainRecipe:
         self.samples_logged, self.seconds_logged = 0.0, 0.0
         self.step_delay_s = faulthooks.delay_s(faulthooks.STEP_DELAY_ENV)
         self.summary: dict[str, Any] | None = None
-        self.nonfinite: str | None = None  # what was not finite in the step just taken
         self.batches: Iterator[data.Batch] = iter(())
+        self.gpu_sampler: gpu_sampler.Sampler | None = None
 
     @property
     def main(self) -> bool:
@@ -180,21 +200,32 @@ class TrainRecipe:
 
     def setup(self) -> None:
         self._setup_distributed()
+        self._start_gpu_sampler()
         self._setup_data()
         self._setup_model()
         self._setup_optimizer()
 
     def _setup_distributed(self) -> None:
         t = self.t
-        self.world = dist.setup(self.job)
+        self.layout.train.mkdir(parents=True, exist_ok=True)  # the rendezvous file's folder
+        self.world = dist.setup(self.job, self.layout.train)
         self.device = self.world.device
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.amp_dtype = autocast_dtype(self.device, t.precision)
-        if t.precision == "fp16" and self.device.type != "cuda" and self.main:
-            log.info("precision fp16 needs CUDA; training in fp32 on %s", self.device)
+        if self.main:
+            where = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
+                     else "CPU")
+            log.info("train.precision %s: training in %s on %s", t.precision,
+                     precision_name(self.amp_dtype), where)
         self.global_batch = t.batch_size * self.world.world_size * t.grad_accum
+
+    def _start_gpu_sampler(self) -> None:
+        """One sampler of GPU use per node (local rank 0), where the job trains on GPUs."""
+        if self.device.type == "cuda" and self.world.local_rank == 0:
+            self.gpu_sampler = gpu_sampler.start(self.layout.train, self.job.restart_count,
+                                                 self.job.node_gpus)
 
     def _setup_data(self) -> None:
         t, world = self.t, self.world
@@ -227,8 +258,9 @@ class TrainRecipe:
         cuda = self.device.type == "cuda"
         self.sampler = data.ResumableSampler(train_ds, world.world_size, world.rank, t.seed)
         self.loader = data.train_loader(train_ds, self.sampler, t.batch_size, t.num_workers, cuda)
-        self.val_loader = data.eval_loader(val_ds, 4 * t.batch_size, 0, cuda)
-        self.inner_loader = data.eval_loader(inner_ds, 4 * t.batch_size, 0, cuda)
+        # Evaluation reads as many rows as an epoch's share of training: workers for it too.
+        self.val_loader = data.eval_loader(val_ds, 4 * t.batch_size, t.num_workers, cuda)
+        self.inner_loader = data.eval_loader(inner_ds, 4 * t.batch_size, t.num_workers, cuda)
         steps = len(train_ds) // world.world_size // t.batch_size // t.grad_accum
         self.steps_per_epoch = min(steps, t.max_steps_per_epoch or steps)
         if self.steps_per_epoch == 0:
@@ -248,6 +280,10 @@ class TrainRecipe:
         self.net, self.ddp = self.model, None
         if self.world.distributed:
             self.net = self.ddp = self._wrap_ddp(self.model)
+        if t.compile:
+            # Compiled around DDP, whose graph breaks at the gradient buckets let the all-reduce
+            # overlap the backward. Evaluation and checkpoints use the plain model.
+            self.net = torch.compile(self.net)  # type: ignore[assignment]
 
     def _wrap_ddp(self, model: Forecaster) -> DDP:
         # Buffers (position ids, the text table) are constant: no syncing them every forward.
@@ -260,11 +296,21 @@ class TrainRecipe:
         t = self.t
         total_steps = t.epochs * self.steps_per_epoch
         warmup = min(t.warmup_steps, total_steps // 5)
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.lr, t.encoder_lr,
-                                                        t.weight_decay))
+        groups = param_groups(self.model, t.lr, t.encoder_lr, t.weight_decay)
+        # Fused AdamW (one kernel for all parameters) takes the loss scaler's found-inf flag on
+        # the device: the step is skipped there, with no read of the flag by the host.
+        self.optimizer = torch.optim.AdamW(groups, fused=fused_adamw_supported(self.device))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
                                                            warmup_cosine(warmup, total_steps))
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(self.device.type,
+                                           enabled=self.amp_dtype == torch.float16)
+        self._scaler_saved: dict[str, Any] = {}  # a checkpoint's loss scale, kept when not used
+        # Divergence, noted on the device and read at the stop checks: the global step of the
+        # first non-finite value (-1: none), what it was (0: the loss, 1: the gradient norm) and
+        # the value itself.
+        self._bad_step = torch.full((), -1, dtype=torch.int64, device=self.device)
+        self._bad_what = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_value = torch.zeros((), dtype=torch.float32, device=self.device)
 
     # ---- checkpoints ----------------------------------------------------------------------
 
@@ -282,7 +328,7 @@ class TrainRecipe:
         checkpoint.load_model_state(self.model, state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        self._scaler_saved = checkpoint.restore_scaler(self.scaler, state.get("scaler") or {})
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best = state["global_step"], state["best"]
         if len(state["rng"]) == self.world.world_size:
@@ -299,15 +345,16 @@ class TrainRecipe:
         """What the training state is computed from: the feature data (a hash of the rows as
         read) and every setting that shapes the result. Settings that do not (time limit,
         memory, workers, logging, checkpoint interval, how the global batch is split over GPUs
-        and accumulation) are left out, so a requeue or ``rerun --set train.time=...``
-        continues."""
+        and accumulation, the precision: ``auto`` is bf16 on one GPU and fp16 on another, and a
+        requeued job may land on either) are left out, so a requeue or ``rerun --set
+        train.time=...`` continues."""
         t = self.t
         return {"features": self.features_fingerprint, "train": {
             "model": encoder_fingerprint(self.folder), "freeze_encoder": t.freeze_encoder,
             "max_length": t.max_length, "global_batch": self.global_batch, "epochs": t.epochs,
             "max_steps_per_epoch": t.max_steps_per_epoch, "lr": t.lr, "encoder_lr": t.encoder_lr,
             "weight_decay": t.weight_decay, "warmup_steps": t.warmup_steps,
-            "grad_clip": t.grad_clip, "precision": t.precision, "val_weeks": t.val_weeks,
+            "grad_clip": t.grad_clip, "val_weeks": t.val_weeks,
             "train_weeks": t.train_weeks, "inner_weeks": self.split.inner_weeks,
             "seed": t.seed}}
 
@@ -368,7 +415,8 @@ class TrainRecipe:
             checkpoint.save(checkpoint.last_path(self.layout.train), {
                 "model": checkpoint.model_state(self.model, t.freeze_encoder),
                 "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": checkpoint.scaler_state(self.scaler, self._scaler_saved),
                 "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
                 "global_step": self.global_step, "steps_per_epoch": self.steps_per_epoch,
                 "sampler": {"epoch": self.epoch, "seed": t.seed, "global_batch": gb,
@@ -469,31 +517,37 @@ class TrainRecipe:
                 bar.update(1)
                 if self.step_delay_s:
                     time.sleep(self.step_delay_s)  # a test hook (hpcpipe/faulthooks.py)
+                log_now = self.global_step % t.log_every == 0
+                save_now = (self.global_step % t.checkpoint_every == 0
+                            and self.step_in_epoch < self.steps_per_epoch)
+                if not (log_now or save_now or self.step_in_epoch == self.steps_per_epoch
+                        or self.global_step % STOP_CHECK_EVERY == 0):
+                    continue  # the host queues the next step while the device works
                 stop, diverged = dist.agreed_stop(self.world, self.signals,
-                                                  self.nonfinite is not None)
+                                                  bool(self._bad_step >= 0))
                 if diverged:
                     raise DivergedError(self._divergence_message())
-                if self.global_step % t.log_every == 0:
+                if log_now:
                     self._log_interval(bar)
                 if stop is not None:
                     return stop
-                if (self.global_step % t.checkpoint_every == 0
-                        and self.step_in_epoch < self.steps_per_epoch):
+                if save_now:
                     self.save_checkpoint()
         finally:
             bar.close()
         return None
 
     def _train_step(self) -> None:
-        """One optimizer step over ``grad_accum`` micro-batches.
+        """One optimizer step over ``grad_accum`` micro-batches, queued without waiting for the
+        device: nothing here reads a tensor's value.
 
-        A loss that is not finite is noted in ``nonfinite`` (the ranks agree on it after the
-        step); so are gradients that are not finite, and then the optimizer does not step, so
-        the weights stay finite. (With fp16's GradScaler, non-finite gradients are its normal
-        signal to skip the step and lower the scale: only the loss is checked then.)
+        A loss that is not finite is noted on the device (the ranks agree on it at the next stop
+        check); so are gradients that are not finite, and then the optimizer skips the step
+        (fused AdamW's found-inf flag), so the weights stay finite until the check. (With fp16's
+        GradScaler, non-finite gradients are its normal signal to skip the step and lower the
+        scale: only the loss is checked then.)
         """
         t, interval = self.t, self.interval
-        self.nonfinite = None
         for micro in range(t.grad_accum):
             t0 = time.perf_counter()
             batch = self._next_batch(micro).to(self.device)
@@ -503,22 +557,41 @@ class TrainRecipe:
                     pred = self.net(*model_inputs(batch))
                 loss = loss_fn(pred, batch["target"])
                 self.scaler.scale(loss / t.grad_accum).backward()
-            value = loss.item()
-            if not math.isfinite(value) and self.nonfinite is None:
-                self.nonfinite = f"the loss is {value}"
+            self._note_nonfinite(loss.detach(), 0)
             mask = batch.get("attention_mask")
-            interval.add(value, len(pred), int(mask.sum()) if mask is not None else 0)
+            interval.add(loss, batch["target"].shape[0], mask.sum() if mask is not None else 0)
         self.scaler.unscale_(self.optimizer)
-        norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip))
-        if math.isfinite(norm) or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)
-        elif self.nonfinite is None:
-            self.nonfinite = f"the gradient norm is {norm}"
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable, t.grad_clip)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # skips the step itself on non-finite gradients
+        else:
+            self._note_nonfinite(norm, 1)
+            self._step_unless_nonfinite(norm)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.global_step += 1
         self.step_in_epoch += 1
+
+    def _note_nonfinite(self, value: torch.Tensor, what: int) -> None:
+        """Remember the first non-finite ``value`` of this start, on the device."""
+        first = ~torch.isfinite(value) & (self._bad_step < 0)
+        self._bad_step = torch.where(first, self.global_step + 1, self._bad_step)
+        self._bad_what = torch.where(first, what, self._bad_what)
+        self._bad_value = torch.where(first, value.float(), self._bad_value)
+
+    def _step_unless_nonfinite(self, norm: torch.Tensor) -> None:
+        """The optimizer step, skipped on the device where the gradient norm is not finite."""
+        if not getattr(self.optimizer, "defaults", {}).get("fused"):
+            if torch.isfinite(norm):  # reads the device: only without fused AdamW
+                self.optimizer.step()
+            return
+        opt: Any = self.optimizer
+        opt.grad_scale, opt.found_inf = None, (~torch.isfinite(norm)).float()
+        try:
+            opt.step()
+        finally:
+            del opt.grad_scale, opt.found_inf
 
     def _next_batch(self, micro: int) -> data.Batch:
         """The next micro-batch. A loader worker that died after a stop signal (one that was
@@ -546,12 +619,17 @@ class TrainRecipe:
             return next(self.batches)
 
     def _divergence_message(self) -> str:
-        where = f"at epoch {self.epoch} step {self.step_in_epoch} (global step {self.global_step})"
-        if self.nonfinite is None:
+        bad_step, what_code, value = (self._bad_step.item(), self._bad_what.item(),
+                                      self._bad_value.item())
+        if bad_step < 0:
             what = "another rank saw a loss or gradient norm that is not finite"
+            bad_step = self.global_step
         else:
-            what = self.nonfinite + (f" on rank {self.world.rank}" if self.world.distributed
-                                     else "")
+            name = "the loss" if what_code == 0 else "the gradient norm"
+            what = f"{name} is {value}" + (f" on rank {self.world.rank}"
+                                           if self.world.distributed else "")
+        step = self.step_in_epoch - (self.global_step - int(bad_step))
+        where = f"at epoch {self.epoch} step {step} (global step {int(bad_step)})"
         return (f"training diverged: {what} {where}; nothing of this step is saved (last.pt "
                 f"holds an earlier step, best.pt the best finite model). {self._advice()}")
 
@@ -676,4 +754,6 @@ class TrainRecipe:
         """End the loader's workers and leave the process group (safe after a setup that
         failed half-way)."""
         self._end_loader()
+        gpu_sampler.stop(self.gpu_sampler)
+        self.gpu_sampler = None
         dist.teardown()
