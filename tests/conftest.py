@@ -53,7 +53,7 @@ class SlurmCluster:
     nodes: tuple[str, ...] = ("n1", "n2")
     default_partition: str = "debug"  # Default=YES, MaxTime=INFINITE
     short_partition: str = "short"  # MaxTime=00:10:00
-    partitions: tuple[str, ...] = ("debug", "short")
+    partitions: tuple[str, ...] = ("debug", "short", "urgent")  # urgent preempts the others
 
     def sbatch(self, *args: str, cwd: str | Path | None = None) -> str:
         """Submit with ``sbatch --parsable ARGS`` and return the job id."""

@@ -53,7 +53,7 @@ def test_doctor_facts_match_scontrol_and_sinfo(tmp_path: Path) -> None:
         assert f"MaxTime={p['max_time']} " in parts[p["name"]]
         assert f"MaxNodes={p['max_nodes'] or 'UNLIMITED'} " in parts[p["name"]]
     assert {p["name"]: p["max_time"] for p in facts["partitions"]} == \
-        {"debug": "UNLIMITED", "short": "00:10:00"}
+        {"debug": "UNLIMITED", "short": "00:10:00", "urgent": "00:10:00"}
     cached = tmp_path / "cache" / "hpcpipe" / f"site-{config['ClusterName']}.json"
     assert facts["cache"] == str(cached) and json.loads(cached.read_text())["cluster"] == \
         config["ClusterName"]

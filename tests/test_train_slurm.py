@@ -6,6 +6,8 @@
   checkpoint and ends with the weights and validation metrics of an uninterrupted run.
 * `scancel --signal=USR2` (what Slurm sends `train.signal_seconds` before the time limit) makes the
   running job checkpoint and requeue itself, and the requeued job finishes the run on its own.
+* Preemption with only SIGTERM (PreemptMode=REQUEUE, no send_user_signal): the ranks checkpoint,
+  Slurm requeues the job, and it finishes the run on its own.
 * A real time limit: with `train.time=1` and `train.signal_seconds=10`, Slurm's own timer sends
   USR2 20-50 s into each start of a job that needs longer than that (slurmctld checks every 30 s
   and warns up to 60 s early), until one start finishes the run; the result equals the
@@ -213,6 +215,46 @@ def test_usr2_checkpoints_and_requeues_the_job_which_completes_the_run(
     assert f"hpcpipe: requeueing job {job}: it resumes" in log, log[-3000:]
     assert re.search(r"resuming from \S+ at epoch \d+, step \d+ of", log), log[-3000:]
     assert not called.exists(), called.read_text()
+
+    completed(uninterrupted[1])
+    assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
+
+
+def test_preemption_with_sigterm_only_checkpoints_and_the_requeued_job_completes_the_run(
+        tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path], slurm_cluster) -> None:
+    """Preemption as most sites run it (PreemptMode=REQUEUE, no send_user_signal): a job of the
+    higher-tier "urgent" partition needs the GPUs of the node train runs on. Slurm sends train
+    only SIGTERM (GraceTime=60 on its partition); the ranks checkpoint at the next step, Slurm
+    requeues the job, and its next start resumes there and ends with the uninterrupted result."""
+    run_dir = submit(tmp_path, tiny_model, 2, 2)
+    row = running_with_checkpoint(tmp_path, run_dir)
+    job, node = row["job_id"], row["nodes"]
+    urgent = subprocess.run(
+        ["sbatch", "--parsable", "--partition=urgent", f"--nodelist={node}", "--gres=gpu:2",
+         "--time=1", "--output=/dev/null", "--wrap", "sleep 2"],
+        check=True, capture_output=True, text=True).stdout.strip()
+
+    deadline = time.time() + 300
+    seen: list[tuple[str | None, str | None]] = []
+    while True:
+        info = slurm_cluster.job_info(job)
+        if not seen or seen[-1] != (info.get("JobState"), info.get("Restarts")):
+            seen.append((info.get("JobState"), info.get("Restarts")))
+        if info.get("Restarts") == "1" and info.get("JobState") == "PENDING":
+            break
+        assert info.get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED"), seen
+        assert time.time() < deadline, f"job {job} was not preempted and requeued: {seen}"
+        time.sleep(0.2)
+    assert slurm_cluster.job_info(urgent).get("JobState") in ("RUNNING", "COMPLETING",
+                                                              "COMPLETED"), seen
+    slurm_cluster.make_eligible(job)  # skip the ~120 s BeginTime of a requeued job
+
+    rows = completed(tmp_path)
+    assert rows["train"]["job_id"] == job and rows["train"]["restarts"] == 1
+    log = hp(tmp_path, "logs", "train").stdout
+    stopped = re.findall(r"stopped by SIGTERM at epoch (\d+) step (\d+); checkpoint saved", log)
+    resumed = re.findall(r"resuming from \S+ at epoch (\d+), step (\d+) of", log)
+    assert len(stopped) == 1 and resumed == stopped, log[-3000:]
 
     completed(uninterrupted[1])
     assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))

@@ -123,8 +123,9 @@ def _job_environment() -> JobEnvironment:
 
 def _log_stopped(recipe: TrainRecipe, reason: StopReason) -> None:
     if recipe.main:
-        log.error("stopped by %s at epoch %d step %d; checkpoint saved to %s. Run the train "
-                  "step again to resume from it.", reason.value, recipe.epoch,
+        log.error("stopped by %s at epoch %d step %d; checkpoint saved to %s. The job resumes "
+                  "from it if Slurm requeues it (preemption under PreemptMode=REQUEUE); "
+                  "otherwise `hpcpipe rerun train` does.", reason.value, recipe.epoch,
                   recipe.step_in_epoch, _checkpoint_path(recipe))
 
 
