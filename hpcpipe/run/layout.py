@@ -62,6 +62,10 @@ class RunLayout:
         return self.train / "checkpoints"
 
     @property
+    def requeue_request(self) -> Path:  # the id of a train job whose ranks asked for a requeue
+        return self.train / "requeue-request"
+
+    @property
     def predictions(self) -> Path:
         return self.root / "predictions.parquet"
 

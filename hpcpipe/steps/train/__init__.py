@@ -59,9 +59,10 @@ def run_job(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
     """The step as its job runs it: None when training finished, else the exit code of a job
     stopped by a signal (its checkpoint saved).
 
-    Inside Slurm, SIGUSR2 (the warning before the time limit) gives ``REQUEUE_EXIT_CODE``: the
-    batch script then asks Slurm to requeue the job, where Slurm's commands exist (inside a
-    container the ranks usually have no ``scontrol``). Otherwise 128 + the signal.
+    Inside Slurm, SIGUSR2 (the warning before the time limit) gives ``REQUEUE_EXIT_CODE`` and
+    rank 0 writes the job id to ``layout.requeue_request``: the batch script then asks Slurm to
+    requeue the job, where Slurm's commands exist (inside a container the ranks usually have no
+    ``scontrol``). Otherwise 128 + the signal.
     """
     job = env or _job_environment()
     with _recipe(layout, cfg, metrics, job) as recipe:
@@ -70,10 +71,12 @@ def run_job(layout: RunLayout, cfg: RunConfig, metrics: MetricsWriter,
             return None
         if reason is StopReason.WARNED and job.in_slurm and job.job_id:
             if recipe.main:
+                files.write_text(layout.requeue_request, job.job_id + "\n")
                 log.warning("%s at epoch %d step %d: checkpoint saved to %s; exiting %d so that "
                             "the batch script requeues job %s", reason.value, recipe.epoch,
                             recipe.step_in_epoch, _checkpoint_path(recipe), REQUEUE_EXIT_CODE,
                             job.job_id)
+            recipe.barrier()  # the first rank to exit makes srun end the others: write it first
             return REQUEUE_EXIT_CODE
         _log_stopped(recipe, reason)
         return EXIT_CODES[reason]
