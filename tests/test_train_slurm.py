@@ -7,7 +7,7 @@
 * `scancel --signal=USR2` (what Slurm sends `train.signal_seconds` before the time limit) makes the
   running job checkpoint and requeue itself, and the requeued job finishes the run on its own.
 * Preemption with only SIGTERM (PreemptMode=REQUEUE, no send_user_signal): the ranks checkpoint,
-  Slurm requeues the job, and it finishes the run on its own.
+  the batch script requeues the job, and it finishes the run on its own.
 * A real time limit: with `train.time=1` and `train.signal_seconds=10`, Slurm's own timer sends
   USR2 20-50 s into each start of a job that needs longer than that (slurmctld checks every 30 s
   and warns up to 60 s early), until one start finishes the run; the result equals the
@@ -212,7 +212,7 @@ def test_usr2_checkpoints_and_requeues_the_job_which_completes_the_run(
     assert "requeued 1x" in hp(tmp_path, "status").stdout
     log = hp(tmp_path, "logs", "train").stdout
     assert f"batch script requeues job {job}" in log and "(restart 1)" in log, log[-3000:]
-    assert f"hpcpipe: requeueing job {job}: it resumes" in log, log[-3000:]
+    assert f"hpcpipe: requeueing job {job} after its time-limit warning" in log, log[-3000:]
     assert re.search(r"resuming from \S+ at epoch \d+, step \d+ of", log), log[-3000:]
     assert not called.exists(), called.read_text()
 
@@ -224,8 +224,10 @@ def test_preemption_with_sigterm_only_checkpoints_and_the_requeued_job_completes
         tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path], slurm_cluster) -> None:
     """Preemption as most sites run it (PreemptMode=REQUEUE, no send_user_signal): a job of the
     higher-tier "urgent" partition needs the GPUs of the node train runs on. Slurm sends train
-    only SIGTERM (GraceTime=60 on its partition); the ranks checkpoint at the next step, Slurm
-    requeues the job, and its next start resumes there and ends with the uninterrupted result."""
+    only SIGTERM (GraceTime=60 on its partition); the ranks checkpoint at the next step and exit,
+    and since Slurm does not requeue a job that ended in its grace time (it was FAILED before),
+    the batch script requeues it; its next start resumes there and ends with the uninterrupted
+    result."""
     run_dir = submit(tmp_path, tiny_model, 2, 2)
     row = running_with_checkpoint(tmp_path, run_dir)
     job, node = row["job_id"], row["nodes"]
@@ -255,6 +257,7 @@ def test_preemption_with_sigterm_only_checkpoints_and_the_requeued_job_completes
     stopped = re.findall(r"stopped by SIGTERM at epoch (\d+) step (\d+); checkpoint saved", log)
     resumed = re.findall(r"resuming from \S+ at epoch (\d+), step (\d+) of", log)
     assert len(stopped) == 1 and resumed == stopped, log[-3000:]
+    assert f"hpcpipe: requeueing job {job} after its preemption" in log, log[-3000:]
 
     completed(uninterrupted[1])
     assert_same_training(run_dir, next((uninterrupted[1] / "runs").iterdir()))
