@@ -5,7 +5,12 @@
 
 The loader is measured exactly as training builds it (ForecastDataset, ResumableSampler,
 DataLoader with train.num_workers) on synthetic rows, iterated without a model. The model is
-measured on one batch kept on the device: forward, backward and AdamW step, as in the loop.
+measured twice: on one batch kept on the device (forward, backward, fused AdamW step: the upper
+bound, ``samples_per_s``), and in the real training loop (``loop_samples_per_s``: the recipe's
+own epoch loop, ``TrainRecipe._train_epoch``, fed by the real loader with its workers, with its
+stop checks; the device synchronized only at the start and end of the timed steps).
+``loop_vs_resident`` is their ratio (the goal: within 10%). The GPU's peak memory is reset
+before each case, so ``gpu_mem_bytes`` is that case's own.
 Two models: the default configuration (frozen encoder, pooled text cached per product, so the
 step trains the head only) and encoder fine-tuning (``freeze_encoder=false``) at ``--seq-len``.
 MFU = FLOPs per token * tokens/s / peak dense FLOP/s of the GPU (table below, or --peak-tflops),
@@ -36,8 +41,9 @@ from hpcpipe.steps.train.model import (
     default_model_dir,
     model_inputs,
     param_groups,
+    precision_name,
 )
-from hpcpipe.steps.train.recipe import loss_fn
+from hpcpipe.steps.train.recipe import TrainRecipe, fused_adamw_supported, loss_fn
 
 #: Peak dense bf16/fp16 tensor FLOP/s by GPU name (substring, checked in order).
 PEAK_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("GH200", 989.0),
@@ -89,6 +95,7 @@ def loader_rate(ds: data.ForecastDataset, batch_size: int, num_workers: int, cud
 def model_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
                batch_size: int, seq_len: int, steps: int, grad_checkpointing: bool) -> dict:
     """Training steps on one resident batch: samples/s, tokens/s, parameters."""
+    fresh_peak_memory(device)
     torch.manual_seed(0)
     model = build_model(folder, len(data.NUMERIC_NAMES), freeze, grad_checkpointing).to(device)
     model.train()
@@ -97,9 +104,10 @@ def model_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
         model.set_text_table(torch.randn(n_products, int(model.encoder.config.hidden_size)))
     ds = synthetic_dataset(batch_size, n_products, seq_len, freeze)
     batch = ds.__getitems__(list(range(batch_size))).to(device)
-    opt = torch.optim.AdamW(param_groups(model, 1e-3, 3e-5, 0.01))
+    opt = torch.optim.AdamW(param_groups(model, 1e-3, 3e-5, 0.01),
+                            fused=fused_adamw_supported(device))
     dtype = autocast_dtype(device, precision)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step() -> None:
         with autocast(device, dtype):
@@ -128,7 +136,7 @@ def model_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
     embedding = sum(m.weight.numel() for m in model.modules()
                     if isinstance(m, torch.nn.Embedding))
     enc = model.encoder.config
-    return {"freeze_encoder": freeze, "precision": precision if dtype else "fp32",
+    return {"freeze_encoder": freeze, "precision": precision_name(dtype),
             "batch_size": batch_size, "seq_len": None if freeze else seq_len,
             "samples_per_s": samples, "tokens_per_s": tokens or None,
             "trainable_params": count_params(model, True), "params": count_params(model),
@@ -138,6 +146,69 @@ def model_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
             + 12 * enc.num_hidden_layers * enc.hidden_size * seq_len,
             "gpu_mem_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else None}
+
+
+def fresh_peak_memory(device: torch.device) -> None:
+    """Free what earlier cases left and restart the peak, so each case reports its own."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def loop_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
+              batch_size: int, seq_len: int, steps: int, num_workers: int, rows: int,
+              products: int, compile_model: bool = False) -> dict:
+    """Samples/s of the recipe's own training loop (``_train_epoch``: loader with workers,
+    micro-steps, stop checks), timed over ``steps`` steps after 3 warm-up steps."""
+    from hpcpipe.steps.train import dist
+    from hpcpipe.steps.train.recipe import Interval
+    from hpcpipe.steps.train.stop import StopSignals
+
+    fresh_peak_memory(device)
+    cuda = device.type == "cuda"
+    warm = 3
+    r = TrainRecipe.__new__(TrainRecipe)  # the loop's parts, without a run folder
+    r.t = TrainConfig(batch_size=batch_size, num_workers=num_workers, precision=precision,
+                      freeze_encoder=freeze, max_length=seq_len, epochs=1, log_every=10**9,
+                      checkpoint_every=10**9, compile=compile_model)
+    r.world, r.device = dist.DistEnv(device=device), device
+    r.amp_dtype = autocast_dtype(device, precision)
+    r.signals, r.step_delay_s, r.interval = StopSignals(), 0.0, Interval()
+    r.epoch = r.step_in_epoch = r.global_step = 0
+    r._resumed_interval = None
+    r.steps_per_epoch = warm + steps
+    ds = synthetic_dataset(max(rows, batch_size * (warm + steps)), products, seq_len, freeze)
+    r.sampler = data.ResumableSampler(ds, 1, 0, seed=0)
+    r.loader = data.train_loader(ds, r.sampler, batch_size, num_workers, cuda)
+    torch.manual_seed(0)
+    r.model = build_model(folder, len(data.NUMERIC_NAMES), freeze).to(device)
+    if freeze:
+        r.model.set_text_table(torch.randn(products, int(r.model.encoder.config.hidden_size)))
+    r.trainable = [p for p in r.model.parameters() if p.requires_grad]
+    r.net, r.ddp = (torch.compile(r.model) if compile_model else r.model), None
+    r._setup_optimizer()
+    times: list[float] = []
+    real_step = r._train_step
+
+    def timed_step() -> None:
+        if r.global_step in (warm, warm + steps - 1) or not times:
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter())
+        real_step()
+
+    r._train_step = timed_step  # type: ignore[method-assign]
+    with r._dead_workers_reported_by_the_loop():
+        r._train_epoch()
+    if cuda:
+        torch.cuda.synchronize(device)
+    end = time.perf_counter()
+    r._end_loader()
+    start = times[1] if len(times) > 1 else times[0]
+    return {"freeze_encoder": freeze, "precision": precision_name(r.amp_dtype),
+            "loop_samples_per_s": batch_size * steps / (end - start),
+            "loop_gpu_mem_bytes": torch.cuda.max_memory_allocated(device) if cuda else None}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -158,6 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak dense bf16 TFLOP/s when the GPU is not in the table")
+    p.add_argument("--compile", action="store_true", help="torch.compile in the loop case")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -186,10 +258,14 @@ def main(argv: list[str] | None = None) -> dict:
     precisions = ("fp16", "bf16") if cuda else ("fp32",)
     runs = []
     for precision in precisions:
-        runs.append(model_rate(folder, True, device, precision, args.batch_size, seq_len,
-                               steps * 5, False))
-        runs.append(model_rate(folder, False, device, precision, ft_batch, seq_len, steps,
-                               args.grad_checkpointing))
+        for freeze, batch, n in ((True, args.batch_size, steps * 5), (False, ft_batch, steps)):
+            r = model_rate(folder, freeze, device, precision, batch, seq_len, n,
+                           args.grad_checkpointing and not freeze)
+            r.update({k: v for k, v in loop_rate(
+                folder, freeze, device, precision, batch, seq_len, n, args.num_workers,
+                args.rows, args.products, args.compile).items() if k.startswith("loop_")})
+            r["loop_vs_resident"] = r["loop_samples_per_s"] / r["samples_per_s"]
+            runs.append(r)
     peak = peak_flops(result["device"], args.peak_tflops) if cuda else None
     for r in runs:
         if r["tokens_per_s"] and peak:
