@@ -231,23 +231,23 @@ def regroup_part(work: str, part: int, old: int, new: int) -> str:
 
 def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int) -> dict[str, Any]:
     """Sort, deduplicate and write one bucket from every part's spill (in part order) to
-    ``work/reviews/bucket=NNNNN/part-0.parquet``; a bucket finished before is kept."""
+    ``work/reviews/bucket=NNNNN/part-0.parquet``; a bucket finished before is kept while its file
+    is there. The spill stays until the whole ingest is done: a run killed after the finished
+    buckets were renamed into the output (their files gone from ``work``) rebuilds them."""
     root = Path(work)
     stats_path = root / "buckets" / f"{bucket:05d}.json"
-    if stats_path.is_file():
+    out = root / "reviews" / f"bucket={bucket:05d}" / "part-0.parquet"
+    if stats_path.is_file() and out.is_file():
         return dict(read_json(stats_path), skipped=True)
     sources = [spill_file(root, p, n_buckets, bucket) for p in range(n_parts)]
     tables = [pq.read_table(s) for s in sources if s.exists()]
     table = pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
     del tables
-    out = root / "reviews" / f"bucket={bucket:05d}" / "part-0.parquet"
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         stats = write_bucket(table, tmp)
     result = {**asdict(stats), "bucket": bucket, "node": where()}
     write_json(stats_path, result)
-    for s in sources:
-        s.unlink(missing_ok=True)
     return result
 
 
