@@ -94,12 +94,18 @@ def main() -> int:
           f"{s['improvement_pct']:+.1f}%; strongest of all {s['strongest_any']}: model "
           f"{s['improvement_vs_any_pct']:+.1f}%; gap from rounded roll_mean_4 to the floor "
           f"closed: {'-' if gap is None else f'{gap:.1f}%'}")
+    versus = (s.get("versus_baselines") or {}).get(s["strongest_any"])
+    if versus:
+        print(f"model minus {s['strongest_any']}: SMAPE {versus['diff']:+.4f}, "
+              f"{100 * versus['level']:.0f}% paired bootstrap interval [{versus['low']:+.4f}, "
+              f"{versus['high']:+.4f}] ({versus['resamples']} resamples of the rows)")
     for note in s.get("eval_notes") or []:
         print("note:", note)
     print(f"seconds: {s.get('eval_seconds')}")
     print("machine:", machine())
     print(json.dumps({k: s.get(k) for k in ("best_epoch", "best_val_smape", "model", "baselines",
-                                            "floor", "gap_closed_pct", "eval_notes")}))
+                                            "floor", "gap_closed_pct", "versus_baselines",
+                                            "eval_notes")}))
     return 0
 
 

@@ -32,6 +32,39 @@ def test_smape_optimal_count_matches_brute_force() -> None:
     assert got[0] == 0 and got[1] == 0, "a week likely without reviews is forecast as 0"
 
 
+def brute_force_nb_count(mean: float, alpha: float) -> int:
+    """argmin over k of E[SMAPE(k, Y)], Y negative binomial (mean, variance mean + alpha
+    mean^2), summed far into the tail."""
+    r = 1.0 / alpha
+    y = np.arange(0, int(mean + 40 * math.sqrt(mean + alpha * mean ** 2) + 40))
+    logp = np.array([math.lgamma(v + r) - math.lgamma(r) - math.lgamma(v + 1)
+                     + r * math.log(r / (r + mean)) + v * math.log(mean / (r + mean))
+                     for v in y])
+    cost = [float((evaluate.smape_terms(np.full(len(y), k), y) * np.exp(logp)).sum()) for k in y]
+    return int(np.argmin(cost))
+
+
+def test_smape_optimal_count_under_a_negative_binomial() -> None:
+    means = np.array([0.2, 0.7, 1.6, 3.0, 7.5, 40.0, 3.0, 40.0])
+    alphas = np.array([0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 0.05])
+    got = evaluate.smape_optimal_count(means, alphas)
+    assert got.tolist() == [brute_force_nb_count(m, a) for m, a in zip(means, alphas, strict=True)]
+    # A dispersion near 0 is the Poisson; a wide one forecasts lower than the Poisson would.
+    assert (evaluate.smape_optimal_count(means, np.full(len(means), 1e-9))
+            == evaluate.smape_optimal_count(means)).all()
+    assert got[5] < evaluate.smape_optimal_count(means[5:6])[0]
+
+
+def test_bootstrap_interval_of_a_paired_difference() -> None:
+    rng = np.random.default_rng(0)
+    true = rng.poisson(3.0, 4000).astype(float)
+    good, bad = true.copy(), np.rint(true * rng.uniform(0.3, 1.7, len(true)))
+    d = evaluate.bootstrap_smape_diff(good, bad, true)
+    assert d["diff"] < 0 and d["low"] < d["diff"] < d["high"] < 0, d
+    same = evaluate.bootstrap_smape_diff(bad, bad, true)
+    assert same["diff"] == same["low"] == same["high"] == 0.0
+
+
 def test_scores_split_zero_and_nonzero_targets() -> None:
     s = evaluate.scores(np.array([0.0, 1.0, 2.0, 0.0]), np.array([0.0, 0.0, 2.0, 3.0]))
     assert s["smape"] == pytest.approx((0 + 2 + 0 + 2) / 4)
@@ -72,7 +105,9 @@ def test_lightgbm_baseline_and_a_missing_lightgbm_said(dataset: Path,
     split = data.split_by_time(rows, 6)
     table = evaluate.baseline_table(rows, split, dataset / "raw", synthetic=False)
     assert {"same_week", "roll_mean_4", "roll_mean_12", "roll_mean_4_poisson", "lightgbm",
-            "lightgbm_poisson"} <= table["baselines"].keys()
+            "lightgbm_poisson", "lightgbm_poisson_history"} <= table["baselines"].keys()
+    assert table["forecasts"].keys() == table["baselines"].keys()
+    assert all(len(f) == len(split.val) for f in table["forecasts"].values())
     assert table["floor"] is None and any("not synthetic" in n for n in table["notes"])
     monkeypatch.setitem(sys.modules, "lightgbm", None)  # import lightgbm now fails
     table = evaluate.baseline_table(rows, split, dataset / "raw", synthetic=False)

@@ -170,8 +170,32 @@ def test_smape_and_baselines() -> None:
     assert predict.smape(np.array([0.0, 2.0, 1.0]), np.array([0.0, 2.0, 3.0])) == \
         pytest.approx((0 + 0 + 1.0) / 3)
     assert predict.smape(np.array([1.0]), np.array([0.0])) == 2.0
-    np.testing.assert_array_equal(predict.to_counts(np.array([np.log1p(0.3), np.log1p(2.6), -0.5])),
-                                  [0, 3, 0])
+    # The model's (log mean, log dispersion) to the SMAPE-optimal whole count: 0 for a week
+    # likely without reviews, not the rounded mean.
+    out = np.log(np.array([[0.3, 1e-6], [0.6, 1e-6], [2.6, 1e-6], [40.0, 1e-6]]))
+    np.testing.assert_array_equal(predict.to_counts(out), [0, 0, 3, 40])
+
+
+def test_history_window_and_calendar() -> None:
+    """Each row reads its own product's counts from its week back, -1 before the product's
+    first review, never a later week (the target); the calendar is the target week's."""
+    from hpcpipe.steps.train.model import month_shares, week_number
+
+    weeks = np.datetime64("2023-01-02") + 7 * np.array([0, 1, 3, 2, 3])
+    rows = data.Rows(products=np.array(["a", "b"], dtype=object), texts=["", ""],
+                     product=np.array([0, 0, 0, 1, 1], dtype=np.int32),
+                     week=weeks.astype("datetime64[D]"), numeric=np.zeros((5, 1), np.float32),
+                     n_reviews=np.array([2.0, 5.0, 1.0, 7.0, 3.0]), roll_mean_4=np.zeros(5),
+                     roll_mean_12=np.zeros(5), target=np.zeros(5))
+    history = data.History.from_rows(rows, weeks=4)
+    counts, week = history.window(np.arange(5), rows.product)
+    np.testing.assert_array_equal(counts, [[2, -1, -1, -1], [5, 2, -1, -1], [1, 0, 5, 2],
+                                           [7, -1, -1, -1], [3, 7, -1, -1]])
+    np.testing.assert_array_equal(week, week_number(weeks))
+    # 2023-01-30 (Monday) to 2023-02-05: 2 days in January, 5 in February.
+    shares = month_shares(week_number(np.array(["2023-01-30"], dtype="datetime64[D]")))
+    np.testing.assert_allclose(shares[0, :3], [2 / 7, 5 / 7, 0], atol=1e-6)
+    assert shares.sum() == pytest.approx(1.0)
 
 
 def test_split_and_normalization_use_training_weeks_only(dataset: Path, tiny_model: Path,

@@ -6,7 +6,10 @@
 * Rows whose ``target_next_n`` is null (the data set's last week) are the prediction rows.
 * The last ``val_weeks`` weeks before the last week are validation; training uses the weeks before
   (only the last ``train_weeks`` of them when that is set).
-* Numeric features: counts through log1p, then standardised with statistics of the training weeks.
+* Numeric features: counts through log1p, then standardised with statistics of the training weeks;
+  the calendar of the week forecast (derived from the week column).
+* History (:class:`History`): each row's product's weekly counts of the last ``HISTORY_WEEKS``
+  weeks, gathered per batch from one dense table.
 * Token ids are cached under ``train/`` as memory-mapped .npy, keyed by the tokenizer files, the
   product texts and max_length: epochs and later runs never tokenize again. With a frozen encoder
   its pooled output per product is cached the same way.
@@ -38,7 +41,9 @@ from hpcpipe.steps.train.model import (
     encoder_fingerprint,
     load_tokenizer,
     mean_pool,
+    month_shares,
     tokenizer_fingerprint,
+    week_number,
 )
 
 log = logging.getLogger(__name__)
@@ -51,8 +56,13 @@ FEATURE_COLUMNS: tuple[tuple[str, bool], ...] = (
     ("roll_mean_4", True), ("roll_mean_12", True), ("roll_rating_12", False),
     ("weeks_since_first", True), ("cum_reviews", True),
 )
-#: Columns derived here: rating_std is null for single reviews; the season of the target week.
-DERIVED_COLUMNS: tuple[str, ...] = ("rating_std_missing", "season_sin", "season_cos")
+#: Columns derived here: rating_std is null for single reviews; the calendar of the target week
+#: (its point on the year's circle, and the share of its days in each month).
+MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+DERIVED_COLUMNS: tuple[str, ...] = (("rating_std_missing", "season_sin", "season_cos")
+                                    + tuple(f"target_in_{m}" for m in MONTHS))
+#: Weeks of a product's own weekly counts the model reads (this week and the 51 before).
+HISTORY_WEEKS = 52
 NUMERIC_NAMES: tuple[str, ...] = tuple(c for c, _ in FEATURE_COLUMNS) + DERIVED_COLUMNS
 
 
@@ -165,7 +175,45 @@ def _numeric_features(feats: Any, week: np.ndarray) -> np.ndarray:
     angle = 2 * np.pi * (target_week - year_start).astype(np.float64) / 365.25
     numeric[:, NUMERIC_NAMES.index("season_sin")] = np.sin(angle)
     numeric[:, NUMERIC_NAMES.index("season_cos")] = np.cos(angle)
+    first = NUMERIC_NAMES.index("target_in_jan")
+    numeric[:, first:first + 12] = month_shares(week_number(target_week))
     return numeric
+
+
+@dataclass
+class History:
+    """Every product's weekly review counts as one dense (P, W) table, so that a batch gathers
+    each row's last ``HISTORY_WEEKS`` weeks in one numpy indexing (no per-row arrays: 2M reviews
+    make ~1M rows but only ~25k x 313 cells). Weeks before a product's first review are -1 (the
+    model leaves them out of its averages); weeks without a feature row after it are 0.
+    """
+
+    counts: np.ndarray  # (P, W) float32
+    column: np.ndarray  # (N,) int64: each row's week as a column of ``counts``
+    first_week: int  # absolute week number (model.week_number) of column 0
+    weeks: int = HISTORY_WEEKS
+
+    @classmethod
+    def from_rows(cls, rows: Rows, weeks: int = HISTORY_WEEKS) -> History:
+        number = week_number(rows.week)
+        first_week = int(number.min()) if len(number) else 0
+        column = number - first_week
+        n_cols = int(column.max()) + 1 if len(column) else 1
+        counts = np.zeros((len(rows.products), n_cols), dtype=np.float32)
+        counts[rows.product, column] = rows.n_reviews
+        first_col = np.full(len(rows.products), n_cols, dtype=np.int64)
+        np.minimum.at(first_col, rows.product, column)
+        counts[np.arange(n_cols)[None, :] < first_col[:, None]] = -1.0
+        return cls(counts, column.astype(np.int64), first_week, weeks)
+
+    def window(self, rows: np.ndarray, product: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(counts (B, weeks) float32 from this week back, -1 before the first review; the
+        rows' absolute week numbers (B,) int64)."""
+        col = self.column[rows]
+        lag = col[:, None] - np.arange(self.weeks)[None, :]
+        out = self.counts[np.asarray(product, dtype=np.int64)[:, None], np.maximum(lag, 0)]
+        out[lag < 0] = -1.0
+        return out, col + self.first_week
 
 
 @dataclass
@@ -415,21 +463,24 @@ class Batch:
 class ForecastDataset(Dataset):
     """Rows ``index`` of the normalised table; batches are gathered with numpy in one go.
 
-    A batch is a dict: ``numeric`` (B, F), ``target`` (B,) log1p of the next week's count, and
+    A batch is a dict: ``numeric`` (B, F), ``target`` (B,) the next week's count, and
     either ``input_ids``/``attention_mask`` cut to the batch's longest text or, without tokens
     (frozen encoder), ``product`` (B,): the model looks the pooled text up on its device, which
-    keeps batches small. ``row`` (B,) is added with ``with_rows`` (for predictions).
+    keeps batches small. With ``history``: ``history`` (B, weeks) the product's last weekly
+    counts and ``week`` (B,) the row's absolute week number. ``row`` (B,) is added with
+    ``with_rows`` (for predictions).
     """
 
     def __init__(self, index: np.ndarray, numeric: np.ndarray, target: np.ndarray,
                  product: np.ndarray, tokens: Tokens | None = None,
-                 with_rows: bool = False) -> None:
+                 with_rows: bool = False, history: History | None = None) -> None:
         self.index = np.asarray(index, dtype=np.int64)
         self.numeric = numeric
-        self.target = np.log1p(np.nan_to_num(target, nan=0.0)).astype(np.float32)
+        self.target = np.nan_to_num(target, nan=0.0).astype(np.float32)
         self.product = product
         self.tokens = tokens
         self.with_rows = with_rows
+        self.history = history
 
     def __len__(self) -> int:
         return len(self.index)
@@ -443,6 +494,8 @@ class ForecastDataset(Dataset):
         batch = {"numeric": self.numeric[rows], "target": self.target[rows]}
         if self.with_rows:
             batch["row"] = rows
+        if self.history is not None:
+            batch["history"], batch["week"] = self.history.window(rows, prod)
         if self.tokens is None:
             batch["product"] = prod.astype(np.int64)
         else:

@@ -84,28 +84,65 @@ def scores(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     return scores_from_sums(score_sums(pred, true))
 
 
-def smape_optimal_count(rate: np.ndarray, block: int = 256) -> np.ndarray:
-    """The whole count k minimising E[SMAPE(k, Y)] for Y ~ Poisson(rate), per row.
+def _log_pmf(y: np.ndarray, lam: np.ndarray, alpha: np.ndarray | None) -> np.ndarray:
+    """(B, Y) log P(Y = y) for Poisson(lam) rows, or negative binomial (mean lam, variance
+    lam + alpha lam^2) where ``alpha`` is given."""
+    from scipy.special import gammaln  # type: ignore[import-untyped]
 
-    Exact up to Poisson mass beyond 8 standard deviations: rows are sorted by rate and taken in
-    blocks, each with the counts around its rates as candidates and outcomes (and 0).
+    yy = y[None, :]
+    if alpha is None:
+        return yy * np.log(lam)[:, None] - lam[:, None] - gammaln(yy + 1)
+    r = (1.0 / alpha)[:, None]
+    log_r_mu = np.logaddexp(np.log(r), np.log(lam)[:, None])
+    return (gammaln(yy + r) - gammaln(r) - gammaln(yy + 1) + r * (np.log(r) - log_r_mu)
+            + yy * (np.log(lam)[:, None] - log_r_mu))
+
+
+def smape_optimal_count(rate: np.ndarray, alpha: np.ndarray | None = None,
+                        block: int = 256) -> np.ndarray:
+    """The whole count k minimising E[SMAPE(k, Y)] per row, for Y ~ Poisson(rate), or where
+    ``alpha`` is given a negative binomial of mean ``rate`` and variance rate + alpha rate^2.
+
+    Exact up to mass beyond 8 standard deviations: rows are sorted by rate and taken in blocks,
+    each with the counts around its rates as candidates and outcomes (and 0).
     """
     rate = np.clip(np.nan_to_num(np.asarray(rate, dtype=np.float64), nan=0.0), 0.0, None)
+    if alpha is not None:
+        alpha = np.clip(np.nan_to_num(np.asarray(alpha, dtype=np.float64), nan=1.0), 1e-8, 1e3)
     out = np.zeros(len(rate), dtype=np.float64)
     order = np.argsort(rate, kind="stable")
     for start in range(0, len(order), block):
         sel = order[start:start + block]
         lam = np.maximum(rate[sel], 1e-12)
-        lo, hi = float(lam.min()), float(lam.max())
-        y = np.arange(int(max(0.0, lo - 8 * math.sqrt(lo) - 8)),
-                      int(hi + 8 * math.sqrt(hi) + 9), dtype=np.float64)
-        log_fact = np.array([math.lgamma(v + 1) for v in y])
-        pmf = np.exp(y[None, :] * np.log(lam)[:, None] - lam[:, None] - log_fact[None, :])
+        a = None if alpha is None else alpha[sel]
+        sd = np.sqrt(lam + (0.0 if a is None else a * lam ** 2))
+        lo = float(max(0.0, (lam - 8 * sd).min() - 8))
+        hi = float(min((lam + 8 * sd).max() + 9, lam.max() * 50 + 1000))
+        y = np.arange(int(lo), int(hi), dtype=np.float64)
+        pmf = np.exp(_log_pmf(y, lam, a))
         k = np.unique(np.concatenate([[0.0], y]))
         kk, yy = np.meshgrid(k, y, indexing="ij")
         cost = smape_terms(kk.ravel(), yy.ravel()).reshape(kk.shape)  # (K, Y)
         out[sel] = k[np.argmin(pmf @ cost.T, axis=1)]
     return out
+
+
+def bootstrap_smape_diff(pred: np.ndarray, other: np.ndarray, true: np.ndarray,
+                         resamples: int = 1000, seed: int = 0,
+                         level: float = 0.95) -> dict[str, float]:
+    """SMAPE(pred) - SMAPE(other) on the same rows, with a paired bootstrap interval (rows
+    resampled with replacement, both forecasts scored on each resample): negative with
+    ``high`` < 0 means ``pred`` is better by more than the resampling noise."""
+    d = smape_terms(pred, true) - smape_terms(other, true)
+    rng = np.random.default_rng(seed)
+    n = len(d)
+    means = np.array([d[rng.integers(0, n, n)].mean() for _ in range(resamples)]) if n else \
+        np.full(1, math.nan)
+    tail = 100 * (1 - level) / 2
+    return {"diff": float(d.mean()) if n else math.nan,
+            "low": float(np.percentile(means, tail)),
+            "high": float(np.percentile(means, 100 - tail)), "level": level,
+            "resamples": resamples}
 
 
 def naive_forecasts(rows: data.Rows, index: np.ndarray) -> dict[str, np.ndarray]:
@@ -141,16 +178,29 @@ def lightgbm_forecasts(rows: data.Rows, split: data.Split, seed: int = 0,
                               "feature_fraction": 0.9, "seed": seed, "deterministic": True,
                               "force_row_wise": True, "num_threads": threads, "verbose": -1}
     out: dict[str, np.ndarray] = {}
+    history = data.History.from_rows(rows)
+    hist_x = None
     for name, objective, target in (("lightgbm", "regression_l1", np.log1p(y)),
-                                    ("lightgbm_poisson", "poisson", y)):
-        fit = lgb.Dataset(x[split.fit], target[split.fit], categorical_feature=[cat_col],
+                                    ("lightgbm_poisson", "poisson", y),
+                                    ("lightgbm_poisson_history", "poisson", y)):
+        if name.endswith("_history"):
+            # The model's inputs in full: also the product's weekly counts of the last weeks
+            # (NaN before its first review); for the trees, only the index changes per part.
+            if hist_x is None:
+                counts, _ = history.window(np.arange(len(rows)), rows.product)
+                counts[counts < 0] = np.nan
+                hist_x = np.column_stack([x[:, :cat_col], counts, x[:, cat_col]])
+            xx, cc = hist_x, hist_x.shape[1] - 1
+        else:
+            xx, cc = x, cat_col
+        fit = lgb.Dataset(xx[split.fit], target[split.fit], categorical_feature=[cc],
                           free_raw_data=False)
-        inner = lgb.Dataset(x[split.inner], target[split.inner], reference=fit,
-                            categorical_feature=[cat_col])
+        inner = lgb.Dataset(xx[split.inner], target[split.inner], reference=fit,
+                            categorical_feature=[cc])
         booster = lgb.train({**params, "objective": objective}, fit, num_boost_round=1000,
                             valid_sets=[inner],
                             callbacks=[lgb.early_stopping(50, verbose=False)])
-        pred = np.asarray(booster.predict(x[split.val], num_iteration=booster.best_iteration))
+        pred = np.asarray(booster.predict(xx[split.val], num_iteration=booster.best_iteration))
         if objective == "poisson":
             out[name] = smape_optimal_count(pred)
         else:
@@ -234,12 +284,15 @@ def baseline_table(rows: data.Rows, split: data.Split, raw_dir: Path, synthetic:
                    seed: int = 0, threads: int = 0) -> dict[str, Any]:
     """Scores of every baseline (and the floor) on the validation rows, and notes saying what
     could not be computed. ``{"baselines": {name: scores}, "floor": scores | None, "notes":
-    [str], "seconds": {name: s}}``."""
+    [str], "seconds": {name: s}, "forecasts": {name: whole counts per row}}`` (forecasts
+    for :func:`versus_baselines`, not for the metrics)."""
     index = split.val
     true = rows.target[index]
-    table: dict[str, Any] = {"baselines": {}, "floor": None, "notes": [], "seconds": {}}
+    table: dict[str, Any] = {"baselines": {}, "floor": None, "notes": [], "seconds": {},
+                             "forecasts": {}}
     for name, pred in naive_forecasts(rows, index).items():
         table["baselines"][name] = scores(pred, true)
+        table["forecasts"][name] = pred
     t0 = time.perf_counter()
     got = lightgbm_forecasts(rows, split, seed, threads)
     table["seconds"]["lightgbm"] = round(time.perf_counter() - t0, 2)
@@ -249,6 +302,7 @@ def baseline_table(rows: data.Rows, split: data.Split, raw_dir: Path, synthetic:
     else:
         for name, pred in got.items():
             table["baselines"][name] = scores(pred, true)
+            table["forecasts"][name] = pred
     t0 = time.perf_counter()
     floor = synthetic_floor(raw_dir, synthetic, rows, index)
     table["seconds"]["floor"] = round(time.perf_counter() - t0, 2)
@@ -256,7 +310,16 @@ def baseline_table(rows: data.Rows, split: data.Split, raw_dir: Path, synthetic:
         table["notes"].append(floor)
     else:
         table["floor"] = scores(floor, true)
+        table["forecasts"]["floor"] = floor
     return table
+
+
+def versus_baselines(pred: np.ndarray, table: dict[str, Any], true: np.ndarray,
+                     seed: int = 0) -> dict[str, dict[str, float]]:
+    """The model's whole-count forecasts ``pred`` of the validation rows against each forecast
+    in ``table["forecasts"]`` (baselines and floor): :func:`bootstrap_smape_diff`."""
+    return {name: bootstrap_smape_diff(pred, other, true, seed=seed)
+            for name, other in table.get("forecasts", {}).items()}
 
 
 def strongest(baselines: dict[str, dict[str, float]], names: Any = None) -> tuple[str, float]:

@@ -28,7 +28,7 @@ from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.steps.train import checkpoint, data
-from hpcpipe.steps.train.evaluate import smape_terms
+from hpcpipe.steps.train.evaluate import smape_optimal_count, smape_terms
 from hpcpipe.steps.train.model import (
     Forecaster,
     autocast,
@@ -48,19 +48,24 @@ def smape(pred: np.ndarray, true: np.ndarray) -> float:
     return float(terms.mean()) if len(terms) else 0.0
 
 
-def to_counts(log_pred: np.ndarray) -> np.ndarray:
-    """Model output (log1p of the median count) to the forecast: a non-negative whole count.
+def to_counts(out: np.ndarray) -> np.ndarray:
+    """Model output (N, 2): log mean and log dispersion of a negative binomial, to the forecast:
+    the whole count that minimises the expected SMAPE under that distribution.
 
-    Rounding is what a count forecast scored by SMAPE calls for: forecasting 0.3 for a week
-    with no reviews costs the maximum (2), forecasting 0 costs nothing.
+    A whole count is what a count forecast scored by SMAPE calls for (forecasting 0.3 for a week
+    with no reviews costs the maximum, 2; forecasting 0 costs nothing), and the best one is not
+    the rounded mean: for small means it is 0 more often, for others it sits near the median.
     """
-    return np.rint(np.clip(np.expm1(np.asarray(log_pred, dtype=np.float64)), 0.0, None))
+    out = np.asarray(out, dtype=np.float64)
+    return smape_optimal_count(np.exp(np.clip(out[:, 0], -30.0, 30.0)),
+                               np.exp(np.clip(out[:, 1], -20.0, 5.0)))
 
 
 @torch.no_grad()
 def predict_log(model: torch.nn.Module, loader: torch.utils.data.DataLoader,
                 device: torch.device, dtype: torch.dtype | None) -> tuple[np.ndarray, np.ndarray]:
-    """(row numbers, log1p predictions) for every batch of ``loader``."""
+    """(row numbers, model outputs (N, 2): log mean and log dispersion) for every batch of
+    ``loader``."""
     was_training = model.training
     model.eval()
     rows, preds = [], []
@@ -129,29 +134,39 @@ def load_best(train_dir: Path, device: torch.device) -> tuple[Forecaster, dict[s
     return model.to(device), state
 
 
-def predict_latest(layout: RunLayout, rows: data.Rows, model: Forecaster, state: dict[str, Any],
-                   device: torch.device, precision: str, batch_size: int = 1024) -> Path:
-    """Forecast the week after the data's last week for every product with reviews in that
-    week (module doc) with ``model``; write predictions.parquet."""
+def forecast_counts(layout: RunLayout, rows: data.Rows, model: Forecaster,
+                    state: dict[str, Any], device: torch.device, precision: str,
+                    index: np.ndarray, batch_size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """(row numbers, whole-count forecasts) of rows ``index`` with ``model`` (rank 0 alone);
+    raises DivergedError where a forecast is not finite."""
     norm = data.Normalizer.from_dict(state["norm"])
     folder = Path(state["model_dir"])
     tokens = data.token_cache(layout.train, folder, rows, state["max_length"], True, lambda: None)
     if state["freeze_encoder"]:
         model.set_text_table(data.product_embeddings(layout.train, folder, tokens, model,
                                                      device, True, lambda: None))
-    index = forecast_rows(rows)
     ds = data.ForecastDataset(index, norm.transform(rows.numeric), rows.target, rows.product,
-                              None if state["freeze_encoder"] else tokens, with_rows=True)
+                              None if state["freeze_encoder"] else tokens, with_rows=True,
+                              history=data.History.from_rows(rows))
     loader = data.eval_loader(ds, batch_size, 0, device.type == "cuda")
-    row_ids, log_pred = predict_log(model, loader, device, autocast_dtype(device, precision))
-    bad = int((~np.isfinite(log_pred)).sum())
+    row_ids, out = predict_log(model, loader, device, autocast_dtype(device, precision))
+    bad = int((~np.isfinite(out).all(axis=1)).sum()) if len(out) else 0
     if bad:
         raise DivergedError(
             f"{checkpoint.best_path(layout.train)} forecasts a number that is not finite for "
-            f"{bad} of {len(log_pred)} products; its weights are not usable. Train again from "
+            f"{bad} of {len(out)} products; its weights are not usable. Train again from "
             "scratch with a lower train.lr (or train.precision=fp32, a smaller "
             "train.grad_clip): `hpcpipe rerun train --fresh --set train.lr=...`")
-    out = write_predictions(layout.predictions, rows, row_ids, to_counts(log_pred))
+    return row_ids, to_counts(out)
+
+
+def predict_latest(layout: RunLayout, rows: data.Rows, model: Forecaster, state: dict[str, Any],
+                   device: torch.device, precision: str, batch_size: int = 1024) -> Path:
+    """Forecast the week after the data's last week for every product with reviews in that
+    week (module doc) with ``model``; write predictions.parquet."""
+    row_ids, counts = forecast_counts(layout, rows, model, state, device, precision,
+                                      forecast_rows(rows), batch_size)
+    out = write_predictions(layout.predictions, rows, row_ids, counts)
     week = rows.week.max()
     log.info("wrote forecasts of week %s (from week %s) for %d products to %s; %d products "
              "had no reviews in %s and are left out", week + np.timedelta64(7, "D"), week,

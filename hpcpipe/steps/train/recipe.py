@@ -35,7 +35,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm  # type: ignore[import-untyped]
@@ -53,6 +52,7 @@ from hpcpipe.steps.train.model import (
     autocast,
     autocast_dtype,
     build_model,
+    count_nll,
     count_params,
     encoder_fingerprint,
     model_dir,
@@ -98,8 +98,9 @@ def fused_adamw_supported(device: torch.device) -> bool:
 
 
 def loss_fn(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L1 on log1p(count): the model learns the conditional median, robust to the heavy tail."""
-    return F.l1_loss(pred.float(), target)
+    """The counts' negative log-likelihood under the model's negative binomial: the model
+    learns the distribution, from which the forecast is the SMAPE-optimal whole count."""
+    return count_nll(pred, target)
 
 
 @dataclass
@@ -249,11 +250,12 @@ class TrainRecipe:
         numeric = self.norm.transform(rows.numeric)
         # A frozen encoder's output is looked up per product on the device: no tokens in batches.
         batch_tokens = None if t.freeze_encoder else self.tokens
+        history = data.History.from_rows(rows)
         train_ds = data.ForecastDataset(split.fit, numeric, rows.target, rows.product,
-                                        batch_tokens)
+                                        batch_tokens, history=history)
         val_ds, inner_ds = (data.ForecastDataset(index[world.rank::world.world_size], numeric,
                                                  rows.target, rows.product, batch_tokens,
-                                                 with_rows=True)
+                                                 with_rows=True, history=history)
                             for index in (split.val, split.inner))
         cuda = self.device.type == "cuda"
         self.sampler = data.ResumableSampler(train_ds, world.world_size, world.rank, t.seed)
@@ -684,7 +686,7 @@ class TrainRecipe:
         row_ids, log_pred = predict.predict_log(self.model, loader, self.device, self.amp_dtype)
         sums = dist.all_reduce_sum(self.world, [
             *evaluate.score_sums(predict.to_counts(log_pred), self.rows.target[row_ids]),
-            float((~np.isfinite(log_pred)).sum())])
+            float((~np.isfinite(log_pred).all(axis=-1)).sum())])
         bad, got = sums[-1], evaluate.scores_from_sums(sums[:-1])
         if bad or not (math.isfinite(got["smape"]) and math.isfinite(got["mae"])):
             # On every rank (the sums are the job's): no score, no eval record, no best.pt.
@@ -724,6 +726,10 @@ class TrainRecipe:
             table, val = self.table, self.best["val"]
             naive, naive_smape = evaluate.strongest(table["baselines"], evaluate.NAIVE)
             every, every_smape = evaluate.strongest(table["baselines"])
+            _, counts = predict.forecast_counts(self.layout, self.rows, best_model, best_state,
+                                                self.device, self.t.precision, self.split.val)
+            versus = evaluate.versus_baselines(counts, table, self.rows.target[self.split.val],
+                                               seed=self.t.seed)
             self.summary = self.metrics.write(
                 "summary", best_epoch=self.best["epoch"], epoch_chosen_on="inner weeks",
                 inner_weeks=self.split.inner_weeks, inner_start=str(self.split.inner_start),
@@ -734,6 +740,7 @@ class TrainRecipe:
                 improvement_vs_any_pct=evaluate.improvement_pct(val["smape"], every_smape),
                 model=val, baselines=table["baselines"], floor=table["floor"],
                 gap_closed_pct=evaluate.gap_closed_pct(val["smape"], table),
+                versus_baselines=versus,
                 eval_notes=table["notes"], eval_seconds=table["seconds"],
                 checkpoint=str(checkpoint.best_path(self.layout.train)),
                 samples_per_s=(self.samples_logged / self.seconds_logged

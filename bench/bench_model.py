@@ -1,0 +1,137 @@
+"""Issue 13's model target, measured: the model against LightGBM, the naive baselines and the
+floor, on the local sample (200k synthetic reviews) and on 2M, with two seeds each.
+
+    python bench/bench_model.py                          # 200k and 2M, seeds 0 and 1
+    python bench/bench_model.py --sizes 200000 --seeds 0 # one cell
+    python bench/bench_model.py --runs runs/a runs/b     # report on finished runs
+
+Each cell is the shipped local pipeline (``hpcpipe submit --local --wait``, configs/local.yaml)
+with ``data.synth_reviews`` set to the size and ``data.seed`` and ``train.seed`` to the seed:
+other data and other initial weights per seed. From the run's train summary it prints, on the
+validation rows (every forecast a whole count, the same rows for all): the model at the epoch
+chosen on the inner weeks, the strongest LightGBM with the paired bootstrap interval of the
+model's SMAPE minus LightGBM's (1000 resamples of the rows, 95%), the strongest naive baseline,
+rounded roll_mean_4, the floor (the generator's expected counts), the share of the gap from
+rounded roll_mean_4 to the floor the model closes, and the run's wall time. The target (issue 13):
+at least 75% of the gap closed in every cell, and LightGBM beaten by more than its interval (the
+interval's upper end below 0). The last line is the table as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_eval import machine  # noqa: E402
+
+from hpcpipe.run.metrics import read_metrics  # noqa: E402
+
+TARGET_GAP_PCT = 75.0
+
+
+def submit(workdir: Path, size: int, seed: int, extra: list[str]) -> tuple[Path, float]:
+    """The local pipeline on ``size`` synthetic reviews with ``seed``; (run folder, seconds)."""
+    name = f"model-{size}-s{seed}"
+    cmd = ["hpcpipe", "submit", "--local", "--wait", "--name", name,
+           "--set", f"data.synth_reviews={size}", "--set", f"data.seed={seed}",
+           "--set", f"train.seed={seed}"]
+    for s in extra:
+        cmd += ["--set", s]
+    start = time.perf_counter()
+    subprocess.run(cmd, cwd=workdir, check=True, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    runs = [p for p in (workdir / "runs").iterdir() if p.name.startswith(name + "-")]
+    return max(runs, key=lambda p: p.stat().st_mtime), seconds
+
+
+def summary_of(run: Path) -> dict[str, Any]:
+    records = read_metrics(run / "metrics.jsonl")
+    found = [r for r in records if r.get("step") == "train" and r.get("kind") == "summary"
+             and isinstance(r.get("baselines"), dict)]
+    if not found:
+        raise SystemExit(f"{run}: no train summary with the evaluation table")
+    return found[-1]
+
+
+def cell(run: Path, seconds: float | None) -> dict[str, Any]:
+    """One row of the table from a finished run."""
+    s = summary_of(run)
+    base = s["baselines"]
+    lgb = min((k for k in base if k.startswith("lightgbm")), key=lambda k: base[k]["smape"])
+    naive = s["strongest_baseline"]
+    versus = (s.get("versus_baselines") or {}).get(lgb) or {}
+    config = (run / "config.yaml").read_text()
+    size = next((int(line.split(":")[1]) for line in config.splitlines()
+                 if line.strip().startswith("synth_reviews:")), None)
+    return {
+        "run": str(run), "size": size, "seed": next(
+            (int(line.split(":")[1]) for line in config.splitlines()
+             if line.startswith("  seed:")), None),
+        "rows": s["model"]["rows"], "best_epoch": s["best_epoch"],
+        "model": s["model"]["smape"], "lightgbm": lgb, "lightgbm_smape": base[lgb]["smape"],
+        "model_minus_lightgbm": versus.get("diff"), "ci95": [versus.get("low"),
+                                                              versus.get("high")],
+        "naive": naive, "naive_smape": base[naive]["smape"],
+        "roll_mean_4": base["roll_mean_4"]["smape"],
+        "floor": (s.get("floor") or {}).get("smape"), "gap_closed_pct": s.get("gap_closed_pct"),
+        "beats_lightgbm_beyond_ci": versus.get("high") is not None and versus["high"] < 0,
+        "seconds": None if seconds is None else round(seconds),
+    }
+
+
+def render(cells: list[dict[str, Any]]) -> list[str]:
+    out = [f"{'size':>8s} {'seed':>4s} {'rows':>6s} {'model':>7s} {'LightGBM':>8s} "
+           f"{'model-LGB [95% CI]':>26s} {'naive':>7s} {'roll4':>7s} {'floor':>7s} "
+           f"{'gap':>6s} {'wall':>6s}  target"]
+    for c in cells:
+        gap = c["gap_closed_pct"]
+        lo, hi = c["ci95"]
+        ci = ("-" if c["model_minus_lightgbm"] is None else
+              f"{c['model_minus_lightgbm']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        ok = gap is not None and gap >= TARGET_GAP_PCT and c["beats_lightgbm_beyond_ci"]
+        out.append(f"{c['size'] or 0:8d} {c['seed'] or 0:4d} {c['rows']:6d} {c['model']:7.4f} "
+                   f"{c['lightgbm_smape']:8.4f} {ci:>26s} {c['naive_smape']:7.4f} "
+                   f"{c['roll_mean_4']:7.4f} {c['floor'] or float('nan'):7.4f} "
+                   f"{'-' if gap is None else f'{gap:5.1f}%'} "
+                   f"{'-' if c['seconds'] is None else str(c['seconds']) + 's':>6s}  "
+                   f"{'met' if ok else 'NOT met'}")
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[200_000, 2_000_000])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--runs", type=Path, nargs="+", help="finished runs (default: submit)")
+    ap.add_argument("--workdir", type=Path, help="where to submit (default: a temporary one)")
+    ap.add_argument("--set", action="append", default=[], dest="settings")
+    args = ap.parse_args()
+    cells = []
+    if args.runs:
+        cells = [cell(run, None) for run in args.runs]
+    else:
+        workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-model-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        for size in args.sizes:
+            for seed in args.seeds:
+                run, seconds = submit(workdir, size, seed, args.settings)
+                cells.append(cell(run, seconds))
+                print("\n".join(render(cells)[-1:]), flush=True)
+    print("validation SMAPE, whole counts, the same rows for every forecast; LightGBM: the "
+          "strongest LightGBM variant; naive: the strongest naive baseline; gap: share of "
+          "roll_mean_4 -> floor closed by the model; wall: the whole pipeline")
+    print("\n".join(render(cells)))
+    print("machine:", machine())
+    print(json.dumps(cells))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
