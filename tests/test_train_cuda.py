@@ -214,7 +214,7 @@ def test_the_forecast_is_fp32_under_bf16_autocast(tiny_model: Path) -> None:
     ids = torch.randint(0, 100, (4, 8))
     with model.autocast(torch.device("cpu"), torch.bfloat16):
         out = net(torch.randn(4, len(data.NUMERIC_NAMES)), ids, torch.ones_like(ids))
-    assert out.dtype == torch.float32 and out.shape == (4,)
+    assert out.dtype == torch.float32 and out.shape == (4, 2)  # log mean, log dispersion
 
 
 def test_padding_widths_are_multiples_of_8(dataset: Path, tiny_model: Path,
