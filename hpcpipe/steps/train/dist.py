@@ -85,8 +85,8 @@ def pick_device(job: JobEnvironment, cuda_available: bool | None = None,
                 f"the allocation gives this rank GPU(s) {','.join(gpus)} but CUDA cannot use "
                 f"them ({_why_no_cuda()}), so training would run on the CPU for the whole "
                 "time limit. Fix the node's CUDA: check `nvidia-smi` in a job, install a torch "
-                "built for CUDA (pip install torch --index-url https://download.pytorch.org/whl/"
-                f"cu124, for instance), load the site's CUDA module in slurm.setup. To train on "
+                "build for the CUDA version of the node's driver (the site's module or wheel), "
+                "load the site's CUDA module in slurm.setup. To train on "
                 f"CPU on purpose, set {ALLOW_CPU_ON_GPU_ALLOCATION}=1 in the environment "
                 "`hpcpipe submit` runs in (jobs inherit it).")
         if gpus:
