@@ -474,7 +474,8 @@ _BASELINE_NAMES = {"same_week": "same as this week", "roll_mean_4": "roll_mean_4
                    "roll_mean_12": "roll_mean_12",
                    "roll_mean_4_poisson": "roll_mean_4, SMAPE-optimal Poisson count",
                    "lightgbm": "LightGBM (L1 on log1p)",
-                   "lightgbm_poisson": "LightGBM (Poisson, SMAPE-optimal count)"}
+                   "lightgbm_poisson": "LightGBM (Poisson, SMAPE-optimal count)",
+                   "lightgbm_poisson_history": "LightGBM (Poisson, + 52 weekly counts)"}
 
 
 def _training_section(run: Run, metrics: list[dict[str, Any]]) -> list[str]:
@@ -616,6 +617,13 @@ def _scores_table(summ: dict[str, Any]) -> list[str]:
     if isinstance(gap, (int, float)):
         lines.append(f"Of the gap from rounded roll_mean_4 to the floor, the model closes "
                      f"{_fmt(float(gap))}%.")
+    every = str(summ.get("strongest_any"))
+    versus = (summ.get("versus_baselines") or {}).get(every)
+    if isinstance(versus, dict):
+        lines.append(f"Model minus {_BASELINE_NAMES.get(every, every)}: SMAPE "
+                     f"{_fmt(versus.get('diff'))}, 95% paired bootstrap interval "
+                     f"[{_fmt(versus.get('low'))}, {_fmt(versus.get('high'))}] (beaten beyond "
+                     "the noise only where the whole interval is below 0).")
     for note in summ.get("eval_notes") or []:
         lines.append(f"Note: {note}.")
     return lines
