@@ -116,7 +116,19 @@ class SlurmCluster:
         return state
 
     def make_eligible(self, job_id: str) -> None:
-        """Let a requeued job start now instead of after Slurm's ~120 s requeue delay."""
+        """Let a requeued job start now instead of after Slurm's ~120 s requeue delay.
+
+        First wait until the node has finished ending the last start (no slurmstepd of the job
+        left on this one-machine cluster): until then slurmd holds the job's credential revoked,
+        and a start made at once is killed ("Job credential revoked", seen on 22.05: FAILED 1:0
+        in 0 s). Slurm's own delay never lets that happen."""
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\."],
+                                   capture_output=True, text=True)
+            if steps.returncode != 0:
+                break
+            time.sleep(0.2)
         _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def cancel(self, *job_ids: str) -> None:

@@ -38,6 +38,7 @@ from hpcpipe import faulthooks
 from hpcpipe.config import RunConfig, from_dict
 from hpcpipe.control import pipeline
 from hpcpipe.errors import InputError, RunError
+from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.steps.train import checkpoint, predict
 from hpcpipe.steps.train import run as train_run
@@ -81,6 +82,13 @@ def start_job(run_dir: Path, env: dict[str, str] | None = None,
                             env={**subprocess_env(), **(env or {})}, start_new_session=True)
 
 
+def finish_job(layout: RunLayout) -> None:
+    """Run the train job to its end (resuming from a checkpoint if there is one)."""
+    proc = start_job(layout.root)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. SIGTERM with loader workers on
 
@@ -95,8 +103,10 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
     starting) is a stop, not a crash."""
     settings = {"num_workers": workers, "epochs": 2, "max_steps_per_epoch": 40,
                 "freeze_encoder": True}
+    # Every part runs as the job does, in a process of its own: in-process training after other
+    # tests can differ in the last digits (process-wide torch settings), which grows over steps.
     whole, cfg = new_run(dataset, tmp_path / "whole", tiny_model, **settings)
-    train_run(whole, cfg, MetricsWriter(whole.metrics, "train"))
+    finish_job(whole)
 
     layout, cfg = new_run(dataset, tmp_path / "run", tiny_model, **settings)
     proc = start_job(layout.root, {faulthooks.STEP_DELAY_ENV: "0.05"}, workers_die)
@@ -118,7 +128,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
     assert (f"stopped by SIGTERM at epoch {state['epoch']} step {state['step_in_epoch']};"
             in out), out[-3000:]
 
-    train_run(layout, cfg, MetricsWriter(layout.metrics, "train"))
+    finish_job(layout)
     assert_same_weights(final_weights(layout), final_weights(whole))
     ref = train_losses(whole)
     assert train_losses(layout) == pytest.approx(ref, rel=1e-5)
