@@ -33,7 +33,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_features import FEATURES_SQL, _tree_memory, phase_compare  # noqa: E402
+import bench_features  # noqa: E402
+from bench_features import FEATURES_SQL, phase_compare  # noqa: E402
 
 _COLUMNS = ("{'rating': 'DOUBLE', 'text': 'VARCHAR', 'parent_asin': 'VARCHAR', "
             "'user_id': 'VARCHAR', 'timestamp': 'BIGINT', 'helpful_vote': 'BIGINT', "
@@ -137,36 +137,8 @@ PHASES = {"synth": phase_synth, "duckdb_one": phase_duckdb_one, "duckdb_two": ph
 
 
 def run_phase(name: str, args: list[str], log_path: Path) -> dict[str, Any]:
-    """One phase in a subprocess: its result, wall time and peak memory of its process tree."""
-    result_file = log_path.with_suffix(".json")
-    result_file.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, *args,
-           "--result", str(result_file)]
-    peak = [0, 0]
-    done = threading.Event()
-    print(f"== {name}", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT)
-
-        def sample() -> None:
-            while not done.is_set():
-                rss, pss = _tree_memory(proc.pid)
-                peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-                done.wait(0.25)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        code = proc.wait()
-        wall = time.perf_counter() - start
-        done.set()
-        sampler.join()
-    if code != 0:
-        raise SystemExit(f"phase {name} failed ({code}):\n"
-                         + log_path.read_text(errors="replace")[-3000:])
-    out = json.loads(result_file.read_text()) if result_file.exists() else {}
-    return {"wall_s": round(wall, 2), "peak_tree_rss_bytes": peak[0],
-            "peak_tree_pss_bytes": peak[1], "result": out}
+    """One phase of this script in a subprocess (bench_features' runner, sampled every 0.25 s)."""
+    return bench_features.run_phase(name, args, log_path, script=__file__, every=0.25)
 
 
 def main() -> None:

@@ -181,9 +181,11 @@ def _tree_memory(root: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_phase(name: str, args: list[str], log_path: Path) -> dict[str, Any]:
-    """Run one phase in a subprocess; return its result, wall time and peak tree memory."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--phase", name, *args]
+def run_phase(name: str, args: list[str], log_path: Path, script: str = __file__,
+              every: float = 0.5) -> dict[str, Any]:
+    """Run one phase of ``script`` (``--phase NAME ... --result FILE``) in a subprocess; return
+    its result, wall time and peak tree memory, sampled every ``every`` seconds."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--phase", name, *args]
     result_file = log_path.with_suffix(".json")
     result_file.unlink(missing_ok=True)
     peak = [0, 0]
@@ -198,7 +200,7 @@ def run_phase(name: str, args: list[str], log_path: Path) -> dict[str, Any]:
             while not done.is_set():
                 rss, pss = _tree_memory(proc.pid)
                 peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
-                done.wait(0.5)
+                done.wait(every)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
