@@ -76,6 +76,8 @@ class IngestConfig:
     target_bucket_rows: int = 500_000
     #: Reviews newer than now + this many days are refused as "in the future".
     future_tolerance_days: int = 2
+    #: Keep each review's title and text in the output (the pipeline reads only their length).
+    keep_text: bool = False
 
 
 @dataclass

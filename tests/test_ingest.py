@@ -77,8 +77,8 @@ def test_run_on_synthetic_data_and_rerun_skips(tmp_path):
     tables = []
     for b in range(4):
         t = pq.read_table(out / "reviews" / f"bucket={b:05d}" / "part-0.parquet")
-        assert t.schema.names == ["parent_asin", "asin", "user_id", "timestamp", "rating", "title",
-                                  "text", "text_chars", "helpful_vote", "verified_purchase"]
+        assert t.schema.names == ["parent_asin", "asin", "user_id", "timestamp", "rating",
+                                  "text_chars", "helpful_vote", "verified_purchase"]
         assert t.schema.field("rating").type == pa.float32()
         assert t.schema.field("text_chars").type == pa.int32()
         keys = list(zip(t.column("parent_asin").to_pylist(), t.column("timestamp").to_pylist(),
@@ -201,9 +201,32 @@ def test_duplicates_keep_first(tmp_path):
     rows = [review(0, text="first"), review(1), review(0, text="second")]
     write_lines(tmp_path / "r.jsonl", rows)
     write_meta(tmp_path / "m.jsonl", ["P0", "P1"])
-    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out",
+               IngestConfig(keep_text=True))
     t = pq.read_table(tmp_path / "out" / "reviews" / "bucket=00000" / "part-0.parquet")
     assert m["duplicates"] == 1 and "second" not in t.column("text").to_pylist()
+
+
+def test_the_review_words_are_kept_only_when_asked_and_change_nothing_else(tmp_path):
+    rows = [review(i, text=None if i % 9 == 0 else "é" * (i % 13)) for i in range(120)]
+    write_lines(tmp_path / "r.jsonl", rows)
+    write_meta(tmp_path / "m.jsonl", [f"P{i}" for i in range(7)])
+    out = {}
+    for keep in (False, True):
+        m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / f"out-{keep}",
+                   IngestConfig(target_bucket_rows=40, keep_text=keep))
+        assert m["made_from"]["settings"]["ingest.keep_text"] is keep
+        out[keep] = pa.concat_tables(pq.read_table(p) for p in sorted(
+            (tmp_path / f"out-{keep}").glob("reviews/*/*.parquet")))
+    assert "text" not in out[False].column_names and "title" not in out[False].column_names
+    words = out[True]
+    by_user = dict(zip(words.column("user_id").to_pylist(), words.column("text").to_pylist(),
+                       strict=True))
+    assert by_user == {r["user_id"]: r["text"] for r in rows}
+    assert words.drop_columns(["title", "text"]).equals(out[False])
+    # Characters, not bytes; a review without text has 0.
+    assert out[False].column("text_chars").to_pylist() == [
+        len(t or "") for t in words.column("text").to_pylist()]
 
 
 def test_gz_input_and_products_without_metadata(tmp_path):
@@ -375,3 +398,77 @@ def test_no_valid_rows_is_an_input_error_and_keeps_the_quarantine(tmp_path):
         ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
     assert len(quarantine(tmp_path / "out")) == 5
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_sort_and_dedupe_orders_and_keeps_like_a_plain_sort(tmp_path):
+    """Against pandas on many ties (same product and millisecond) and duplicates, in input order
+    and not."""
+    import pandas as pd
+
+    from hpcpipe.steps.ingest.validation import sort_and_dedupe
+
+    rng = np.random.default_rng(3)
+    for shuffled, step in ((False, 7_000_000_000), (True, 1), (False, 1 << 57)):
+        n = 5_000
+        df = pd.DataFrame({
+            "parent_asin": rng.choice([f"P{i}" for i in range(40)] + ["", "Pä", "P10"], n),
+            "timestamp": TS + rng.integers(0, 30, n) * step,  # the last: too long to pack
+            "user_id": rng.choice([f"U{i}" for i in range(25)], n),
+            "value": np.arange(n),
+            "_row": np.arange(n) * 3,
+        })
+        if shuffled:
+            df = df.sample(frac=1, random_state=1)
+        got, dups = sort_and_dedupe(pa.Table.from_pandas(df, preserve_index=False))
+        want = df.sort_values(["parent_asin", "timestamp", "user_id", "_row"]).drop_duplicates(
+            ["parent_asin", "timestamp", "user_id"], keep="first")
+        assert dups == n - len(want) > 0
+        assert got.to_pandas().reset_index(drop=True).equals(want.reset_index(drop=True))
+
+
+def test_metadata_of_other_products_is_refused_before_the_reviews_are_read(tmp_path,
+                                                                           monkeypatch):
+    import hpcpipe.steps.ingest as ingest_module
+
+    write_lines(tmp_path / "r.jsonl", [review(i, parent_asin=f"P{i % 80}") for i in range(400)])
+    write_meta(tmp_path / "m.jsonl", [f"Q{i}" for i in range(80)])
+    parts_read = []
+    real = ingest_module.read_part
+    monkeypatch.setattr(ingest_module, "read_part",
+                        lambda *a: parts_read.append(a) or real(*a))
+    with pytest.raises(InputError, match=r"does not match reviews .*r\.jsonl: only 0 of 80"):
+        ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert parts_read == []
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("no_field", "has no parent_asin field"), ("empty", "has no products"),
+    ("parquet_no_column", "has no parent_asin column")])
+def test_unusable_metadata_is_refused_naming_the_file(tmp_path, case, expect):
+    write_lines(tmp_path / "r.jsonl", [review(i) for i in range(30)])
+    if case == "no_field":
+        meta = tmp_path / "m.jsonl"
+        write_lines(meta, [{"asin": f"P{i}", "title": "t"} for i in range(7)])
+    elif case == "empty":
+        meta = tmp_path / "m.jsonl"
+        meta.write_text("\n")
+    else:
+        meta = tmp_path / "m.parquet"
+        pq.write_table(pa.table({"asin": ["P1"], "title": ["t"]}), meta)
+    with pytest.raises(InputError, match=expect) as err:
+        ingest([tmp_path / "r.jsonl"], meta, tmp_path / "out", cfg())
+    assert str(meta) in str(err.value)
+
+
+def test_metadata_keeps_the_first_record_of_a_product_from_parquet_too(tmp_path):
+    write_lines(tmp_path / "r.jsonl", [review(i) for i in range(30)])
+    records = [{"parent_asin": f"P{i % 7}", "title": f"first {i}" if i < 7 else f"later {i}",
+                "main_category": "Toys", "store": None} for i in range(20)]
+    write_lines(tmp_path / "m.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "m.parquet")
+    for meta in ("m.jsonl", "m.parquet"):
+        ingest([tmp_path / "r.jsonl"], tmp_path / meta, tmp_path / f"out-{meta}",
+               cfg())
+        products = pq.read_table(tmp_path / f"out-{meta}" / "products.parquet").to_pylist()
+        assert [p["title"] for p in products] == [f"first {i}" for i in range(7)]

@@ -176,7 +176,8 @@ def test_rows_numbered_per_part_keep_the_first_in_input_order(tmp_path, monkeypa
     write_lines(tmp_path / "r.jsonl", rows)
     write_lines(tmp_path / "m.jsonl", [{"parent_asin": f"P{i}"} for i in range(7)])
     assert len(plan_parts([tmp_path / "r.jsonl"])) > 3
-    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out", IngestConfig())
+    m = ingest([tmp_path / "r.jsonl"], tmp_path / "m.jsonl", tmp_path / "out",
+               IngestConfig(keep_text=True))
     titles = pa.concat_tables(pq.read_table(p) for p in (tmp_path / "out").glob(
         "reviews/*/*.parquet")).column("title").to_pylist()
     assert m["duplicates"] == 10 and "second copy 0" not in titles

@@ -33,7 +33,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -49,6 +49,7 @@ from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.run.provenance import fingerprint
 from hpcpipe.runtime.env import JobEnvironment
+from hpcpipe.runtime.memory import release_memory
 from hpcpipe.steps.done import already_done
 from hpcpipe.steps.ingest.buckets import bucket_count, bucket_of
 from hpcpipe.steps.ingest.inputs import (
@@ -62,12 +63,13 @@ from hpcpipe.steps.ingest.parts import (
     Part,
     distinct_products,
     finish_bucket,
+    first_products,
     merge_quarantine,
     plan_parts,
     read_part,
     regroup_part,
 )
-from hpcpipe.steps.ingest.reading import META_SCHEMA, read_metadata
+from hpcpipe.steps.ingest.reading import META_SCHEMA, first_per_product, write_metadata
 from hpcpipe.steps.ingest.validation import (
     REASON_SECONDS,
     Quarantine,
@@ -83,6 +85,8 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WORK_PREFIX = ".work-"
+#: Products in the first block of the input that make the early metadata check worth trusting.
+_EARLY_COVERAGE_PRODUCTS = 50
 #: The manifest fields a skipped ingest repeats in its metrics summary.
 _SUMMARY_FIELDS = ("rows_in", "rows_out", "quarantined", "duplicates", "n_buckets")
 
@@ -132,7 +136,8 @@ def _made_from(reviews: Sequence[Path], metadata: Path, cfg: IngestConfig) -> di
         + [describe(Path(metadata), "metadata")],
         # What changes the output besides the files (data.* names the files themselves).
         "settings": {"ingest.target_bucket_rows": cfg.target_bucket_rows,
-                     "ingest.future_tolerance_days": cfg.future_tolerance_days},
+                     "ingest.future_tolerance_days": cfg.future_tolerance_days,
+                     "ingest.keep_text": cfg.keep_text},
     }
 
 
@@ -163,15 +168,28 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
     _remove_temporaries(out_dir, keep=work)
     work.mkdir(exist_ok=True)
 
-    meta = read_metadata(metadata)
     n_guess = _guess_buckets(reviews, cfg)
     parts = plan_parts(reviews)
     tasks = _Tasks(client)
     log.info("%d part(s) of %d file(s) on %s", len(parts), len(reviews), tasks.describe())
-    meta_ids = tasks.share(meta.column("parent_asin").combine_chunks())
-    read = {r["part"]["index"]: r for r in tasks.run(
-        "read", read_part, [(p, str(work), n_guess, meta_ids, str(metadata), _latest_ms(cfg))
-                            for p in parts], _part_done(parts))}
+    # On a cluster the parts start now; the metadata is read here meanwhile, and checked against
+    # the first reviews at once: metadata of another category fails in seconds, not after the
+    # whole input was read.
+    reading = tasks.run("read", read_part, [(p, str(work), n_guess, _latest_ms(cfg),
+                                             cfg.keep_text) for p in parts], _part_done(parts))
+    meta_file = work / "metadata.parquet"
+    try:
+        # To disk a block at a time, not into this process's memory while the workers need
+        # theirs (the full data set lists 48M products).
+        write_metadata(metadata, meta_file)
+        release_memory()  # what parsing the (large) metadata records freed
+        sample = first_products(reviews[0])
+        if len(sample) >= _EARLY_COVERAGE_PRODUCTS:
+            check_coverage(sample, _metadata_products(meta_file), reviews[0], metadata)
+    except BaseException:
+        tasks.cancel()
+        raise
+    read = {r["part"]["index"]: r for r in reading}
     rows_in = sum(r["rows_in"] for r in read.values())
     valid = sum(r["valid"] for r in read.values())
     log.info("read and checked %d rows in %.1f s", rows_in, time.perf_counter() - start)
@@ -180,15 +198,16 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
         _check_units(parts, read)
         check_some_valid(reviews, rows_in, valid, quarantine)
         products = distinct_products(work, parts)
-        check_coverage(products, meta.column("parent_asin"), reviews[0], metadata)
+        check_coverage(products, _metadata_products(meta_file), reviews[0], metadata)
         n_buckets = _regrouped(tasks, work, len(parts), valid, n_guess, cfg)
         buckets = list(tasks.run("bucket", finish_bucket,
-                                 [(str(work), b, len(parts), n_buckets)
+                                 [(str(work), b, len(parts), n_buckets, cfg.keep_text)
                                   for b in range(n_buckets)], _bucket_done))
         _install(work / "reviews", out_dir / "reviews")
         log.info("sorted and wrote %d buckets; %.1f s so far", n_buckets,
                  time.perf_counter() - start)
-        missing = _write_products(out_dir / "products.parquet", meta, products)
+        missing = _write_products(out_dir / "products.parquet",
+                                  first_per_product(pq.read_table(meta_file)), products)
 
     manifest = _manifest(rows_in, quarantine, buckets, len(products), missing,
                          time.perf_counter() - start)
@@ -205,6 +224,7 @@ class _Tasks:
     def __init__(self, client: Client | None) -> None:
         self.client = client
         self.tag = uuid.uuid4().hex[:8]
+        self.futures: list[Any] = []
 
     def describe(self) -> str:
         if self.client is None:
@@ -212,26 +232,34 @@ class _Tasks:
         n = len(self.client.scheduler_info(n_workers=-1)["workers"])
         return f"{n} Dask worker{'s' if n != 1 else ''}"
 
-    def share(self, value: Any) -> Any:
-        """``value`` where every task can use it (sent to each worker once)."""
-        if self.client is None:
-            return value
-        return self.client.scatter(value, broadcast=True, hash=False)
-
     def run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]],
-            done: Callable[[Any], str]) -> Iterator[Any]:
+            done: Callable[[Any], str]) -> Generator[Any, None, None]:
         """``fn(*args)`` for every tuple in ``calls``; results as they come, each logged with
-        ``done(result)``."""
+        ``done(result)``. On a cluster the tasks are submitted before this returns (closing the
+        generator cancels them); in this process each runs when its result is asked for."""
         if self.client is None:
-            for args in calls:
-                result = fn(*args)
-                log.info("%s", done(result))
-                yield result
-            return
+            return self._here(fn, calls, done)
+        self.futures = [self.client.submit(fn, *args, key=f"ingest-{what}-{i:05d}-{self.tag}",
+                                           pure=False) for i, args in enumerate(calls)]
+        return self._results(self.futures, done)
+
+    def cancel(self) -> None:
+        """Cancel the tasks of the last :meth:`run` on the cluster."""
+        for future in self.futures:
+            future.cancel()
+
+    @staticmethod
+    def _here(fn: Callable[..., Any], calls: list[tuple[Any, ...]],
+              done: Callable[[Any], str]) -> Generator[Any, None, None]:
+        for args in calls:
+            result = fn(*args)
+            log.info("%s", done(result))
+            yield result
+
+    @staticmethod
+    def _results(futures: list[Any], done: Callable[[Any], str]) -> Generator[Any, None, None]:
         from distributed import as_completed
 
-        futures = [self.client.submit(fn, *args, key=f"ingest-{what}-{i:05d}-{self.tag}",
-                                      pure=False) for i, args in enumerate(calls)]
         try:
             for future in as_completed(futures):
                 result = future.result()
@@ -278,8 +306,8 @@ def _regrouped(tasks: _Tasks, work: Path, n_parts: int, valid: int, n_guess: int
     if n_buckets != n_guess:
         log.info("%d valid rows need %d buckets, not the %d estimated: redistributing",
                  valid, n_buckets, n_guess)
-        list(tasks.run("regroup", regroup_part, [(str(work), p, n_guess, n_buckets)
-                                                 for p in range(n_parts)],
+        list(tasks.run("regroup", regroup_part, [(str(work), p, n_guess, n_buckets,
+                                                  cfg.keep_text) for p in range(n_parts)],
                        lambda node: f"part re-spilled on {node}"))
     return n_buckets
 
@@ -333,6 +361,11 @@ def _guess_buckets(reviews: list[Path], cfg: IngestConfig) -> int:
     log.info("reading %d reviews file(s), about %d rows -> %d bucket(s) expected",
              len(reviews), estimate, n_guess)
     return n_guess
+
+
+def _metadata_products(meta_file: Path) -> pa.Array:
+    return pc.unique(pq.read_table(meta_file, columns=["parent_asin"]).column(
+        "parent_asin").combine_chunks())
 
 
 def _write_products(path: Path, meta: pa.Table, products: pa.Array) -> int:

@@ -13,6 +13,7 @@ a task of its own (:mod:`hpcpipe.steps.ingest.parts`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,30 @@ OUTPUT_SCHEMA = pa.schema([
     ("text", pa.string()), ("text_chars", pa.int32()), ("helpful_vote", pa.int32()),
     ("verified_purchase", pa.bool_()),
 ])
-SPILL_SCHEMA = OUTPUT_SCHEMA.append(pa.field("_row", pa.int64()))
+#: A review's own words, in the output only with ``ingest.keep_text``: the pipeline reads their
+#: length (``text_chars``), and at full scale they are most of the bytes ingest would spill, sort
+#: and compress.
+TEXT_COLUMNS = ("title", "text")
+
+
+def output_schema(keep_text: bool) -> pa.Schema:
+    """The columns of ingest's output: :data:`OUTPUT_SCHEMA`, without :data:`TEXT_COLUMNS` unless
+    ``keep_text``."""
+    if keep_text:
+        return OUTPUT_SCHEMA
+    return pa.schema([f for f in OUTPUT_SCHEMA if f.name not in TEXT_COLUMNS])
+
+
+def spill_schema(keep_text: bool) -> pa.Schema:
+    """The output's columns plus ``_row``, a spilled row's place in the whole input."""
+    return output_schema(keep_text).append(pa.field("_row", pa.int64()))
+SPILL_SUFFIX = ".parquet"
 _SPILL_COMPRESSION = "lz4"  # spill is read back once, soon: cheap to write and read
-#: A chunk's rows of one bucket are few (a 32 MB block over 64 buckets: ~1,500 rows); they are
+#: A chunk's rows of one bucket are few (a 16 MB block over 64 buckets: ~700 rows); they are
 #: buffered and written together once this many bytes wait, in row groups ~10x larger. Each
 #: row group costs fixed work, and at 31.8M reviews the small ones cost a tenth of the ingest.
-SPILL_BUFFER_BYTES = 256 << 20
+#: Without the text a row is ~90 bytes: 32 MB holds ~350k rows, ~5k a bucket at 64 buckets.
+SPILL_BUFFER_BYTES = 32 << 20
 
 
 def bucket_of(parent_asin: Any, n_buckets: int) -> np.ndarray:
@@ -73,29 +92,32 @@ def bucket_count(valid: int, guessed: int, target: int) -> int:
     return guessed if 0.75 * target <= valid / guessed <= 1.25 * target else exact
 
 
-def spill_rows(t: pa.Table, rows: np.ndarray) -> pa.Table:
-    """Valid rows in the output layout, plus ``_row``: their place in the whole input."""
+def spill_rows(t: pa.Table, rows: np.ndarray, keep_text: bool = True) -> pa.Table:
+    """Valid rows in the output layout (:func:`spill_schema`), plus ``_row``: their place in the
+    whole input."""
     text = t.column("text")
-    return pa.table({
+    schema = spill_schema(keep_text)
+    columns = {
         "parent_asin": t.column("parent_asin"),
         "asin": pc.coalesce(t.column("asin"), t.column("parent_asin")),
         "user_id": t.column("user_id"),
         "timestamp": t.column("timestamp"),
         "rating": t.column("rating").cast(pa.float32()),
-        "title": t.column("title"),
-        "text": text,
+        **({"title": t.column("title"), "text": text} if keep_text else {}),
         "text_chars": pc.utf8_length(text).fill_null(0).cast(pa.int32()),
         "helpful_vote": t.column("helpful_vote").fill_null(0).cast(pa.int32()),
         "verified_purchase": t.column("verified_purchase").fill_null(False),
         "_row": pa.array(rows.astype(np.int64)),
-    }, schema=SPILL_SCHEMA)
+    }
+    return pa.table({name: columns[name] for name in schema.names}, schema=schema)
 
 
 class Spill:
-    """One parquet file per bucket, appended to in row groups of buffered rows (lz4, no
-    dictionaries or statistics: read back whole, once)."""
+    """One parquet file per bucket (columns ``schema``), appended to in row groups of buffered
+    rows (lz4, no dictionaries or statistics: read back whole, once)."""
 
-    def __init__(self, folder: Path, n_buckets: int) -> None:
+    def __init__(self, folder: Path, n_buckets: int, schema: pa.Schema) -> None:
+        self.schema = schema
         self.folder = folder / f"n{n_buckets}"
         self.folder.mkdir(parents=True)
         self.n_buckets = n_buckets
@@ -104,10 +126,13 @@ class Spill:
         self.pending_bytes = 0
 
     def path(self, b: int) -> Path:
-        return self.folder / f"{b:05d}.parquet"
+        return self.folder / f"{b:05d}{SPILL_SUFFIX}"
 
-    def add(self, table: pa.Table) -> None:
-        buckets = bucket_of(table.column("parent_asin"), self.n_buckets)
+    def add(self, table: pa.Table, parent_asin: pa.Array | None = None) -> None:
+        """Spill ``table``'s rows to their buckets; ``parent_asin``: its column already
+        dictionary-encoded, if the caller has it (each distinct value is hashed once)."""
+        buckets = bucket_of(table.column("parent_asin") if parent_asin is None else parent_asin,
+                            self.n_buckets)
         if self.n_buckets == 1:
             self._buffer(0, table)
             return
@@ -130,7 +155,7 @@ class Spill:
             w = self.writers.get(b)
             if w is None:
                 w = self.writers[b] = pq.ParquetWriter(
-                    self.path(b), SPILL_SCHEMA, compression=_SPILL_COMPRESSION,
+                    self.path(b), self.schema, compression=_SPILL_COMPRESSION,
                     use_dictionary=False, write_statistics=False)
             w.write_table(pa.concat_tables(parts))
         self.pending.clear()
@@ -141,6 +166,18 @@ class Spill:
         for w in self.writers.values():
             w.close()
         self.writers.clear()
+
+
+def read_spill(path: Path) -> pa.Table:
+    """A spill file written by :class:`Spill`, whole."""
+    return pq.read_table(path)
+
+
+def spill_batches(path: Path) -> Iterator[pa.Table]:
+    """A spill file written by :class:`Spill`, one row group at a time."""
+    f = pq.ParquetFile(path)
+    for g in range(f.num_row_groups):
+        yield f.read_row_group(g)
 
 
 @dataclass

@@ -32,10 +32,23 @@ import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from hpcpipe.files import atomic_path, read_json, write_json
-from hpcpipe.steps.ingest.buckets import SPILL_SCHEMA, Spill, spill_rows, write_bucket
+from hpcpipe.runtime.memory import release_memory
+from hpcpipe.steps.ingest.buckets import (
+    SPILL_SUFFIX,
+    Spill,
+    read_spill,
+    spill_batches,
+    spill_rows,
+    spill_schema,
+    write_bucket,
+)
 from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind
-from hpcpipe.steps.ingest.reading import PARQUET_BATCH_ROWS, read_reviews
-from hpcpipe.steps.ingest.validation import Quarantine, check_coverage, validate
+from hpcpipe.steps.ingest.reading import (
+    READ_SCHEMA,
+    READ_SCHEMA_NO_TITLE,
+    read_reviews,
+)
+from hpcpipe.steps.ingest.validation import Quarantine, validate
 
 #: Bytes of an uncompressed JSON lines part, rows of a parquet part: a few per worker at
 #: 31.8M reviews, each far below a worker's memory (a part holds only its spill buffer).
@@ -152,10 +165,11 @@ def part_dir(work: Path, index: int) -> Path:
     return Path(work) / "parts" / f"p{index:05d}"
 
 
-def read_part(part: Part, work: str, n_buckets: int, meta_ids: pa.Array, metadata: str,
-              now_ms: int) -> dict[str, Any]:
+def read_part(part: Part, work: str, n_buckets: int, now_ms: int,
+              keep_text: bool = False) -> dict[str, Any]:
     """Read, check and spill one part (module doc); return its counts. A part finished before
-    (its ``done.json`` exists) is not read again."""
+    (its ``done.json`` exists) is not read again. The review title and text are spilled only
+    with ``keep_text`` (their length always)."""
     folder = part_dir(Path(work), part.index)
     if (folder / DONE).is_file():
         return dict(read_json(folder / DONE), skipped=True)
@@ -166,12 +180,12 @@ def read_part(part: Part, work: str, n_buckets: int, meta_ids: pa.Array, metadat
     rows_in = valid = seconds_like = with_ts = 0
     lines = 0
     products: list[pa.Array] = []
-    coverage_checked = False
-    spill = Spill(folder, n_buckets)
+    spill = Spill(folder, n_buckets, spill_schema(keep_text))
     base = part.index << ROW_SHIFT
     with Quarantine(folder / "quarantine.jsonl") as quarantine:
         chunks = read_reviews(path, part.start, None if part.stop < 0 else part.stop,
-                              part.row_groups, part.first_row)
+                              part.row_groups, part.first_row,
+                              READ_SCHEMA if keep_text else READ_SCHEMA_NO_TITLE)
         for chunk in chunks:
             for line, reason, raw in chunk.refused:
                 quarantine.add(part.path, line, reason, raw)
@@ -183,22 +197,21 @@ def read_part(part: Part, work: str, n_buckets: int, meta_ids: pa.Array, metadat
             with_ts += n_ts
             if good.num_rows == 0:
                 continue
-            rows = spill_rows(good.table, base + rows_in - n + np.flatnonzero(good.mask))
-            uniq = pc.unique(rows.column("parent_asin"))
+            rows = spill_rows(good.table, base + rows_in - n + np.flatnonzero(good.mask),
+                              keep_text)
+            parent = rows.column("parent_asin").combine_chunks().dictionary_encode()
+            uniq = parent.dictionary
             products.append(uniq)
             if len(products) > 16:  # keep the distinct products compact
                 products = [pc.unique(pa.chunked_array(products).combine_chunks())]
-            # Metadata of another category shows in the first products already: fail early.
-            if not coverage_checked and len(uniq) >= 50:
-                check_coverage(uniq, meta_ids, path, Path(metadata))
-                coverage_checked = True
-            spill.add(rows)
+            spill.add(rows, parent)
             valid += rows.num_rows
         spill.close()
         reasons = dict(quarantine.reasons)
     distinct = (pc.unique(pa.chunked_array(products, pa.string()).combine_chunks())
                 if products else pa.array([], pa.string()))
     pq.write_table(pa.table({"parent_asin": distinct}), folder / "products.parquet")
+    release_memory()
     result = {"part": asdict(part), "rows_in": rows_in, "valid": valid, "lines": lines,
               "seconds_like": seconds_like, "with_timestamp": with_ts, "reasons": reasons,
               "seconds": round(time.perf_counter() - start, 3), "node": where()}
@@ -206,30 +219,43 @@ def read_part(part: Part, work: str, n_buckets: int, meta_ids: pa.Array, metadat
     return result
 
 
+def first_products(path: Path) -> pa.Array:
+    """The distinct products of the first block of a reviews file (a few thousand): enough to
+    see metadata of another category before the whole input is read."""
+    chunks = read_reviews(path, schema=READ_SCHEMA_NO_TITLE)
+    try:
+        for chunk in chunks:
+            return pc.unique(chunk.table.column("parent_asin").drop_null())
+    finally:
+        chunks.close()
+    return pa.array([], pa.string())
+
+
 def spill_file(work: Path, part: int, n_buckets: int, bucket: int) -> Path:
-    return part_dir(work, part) / f"n{n_buckets}" / f"{bucket:05d}.parquet"
+    return part_dir(work, part) / f"n{n_buckets}" / f"{bucket:05d}{SPILL_SUFFIX}"
 
 
-def regroup_part(work: str, part: int, old: int, new: int) -> str:
+def regroup_part(work: str, part: int, old: int, new: int, keep_text: bool = False) -> str:
     """Re-spill one part's rows from ``old`` buckets into ``new`` ones; returns the node."""
     folder = part_dir(Path(work), part)
     marker = folder / f"regrouped-n{new}.json"
     if marker.is_file():
         return where()
     shutil.rmtree(folder / f"n{new}", ignore_errors=True)
-    spill = Spill(folder, new)
+    spill = Spill(folder, new, spill_schema(keep_text))
     for b in range(old):
         src = spill_file(Path(work), part, old, b)
         if src.exists():
-            for batch in pq.ParquetFile(src).iter_batches(batch_size=PARQUET_BATCH_ROWS):
-                spill.add(pa.Table.from_batches([batch]))
+            for rows in spill_batches(src):
+                spill.add(rows)
     spill.close()
     write_json(marker, {"from": old, "to": new})
     shutil.rmtree(folder / f"n{old}", ignore_errors=True)
     return where()
 
 
-def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int) -> dict[str, Any]:
+def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
+                  keep_text: bool = False) -> dict[str, Any]:
     """Sort, deduplicate and write one bucket from every part's spill (in part order) to
     ``work/reviews/bucket=NNNNN/part-0.parquet``; a bucket finished before is kept while its file
     is there. The spill stays until the whole ingest is done: a run killed after the finished
@@ -240,12 +266,14 @@ def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int) -> dict[
     if stats_path.is_file() and out.is_file():
         return dict(read_json(stats_path), skipped=True)
     sources = [spill_file(root, p, n_buckets, bucket) for p in range(n_parts)]
-    tables = [pq.read_table(s) for s in sources if s.exists()]
-    table = pa.concat_tables(tables) if tables else SPILL_SCHEMA.empty_table()
+    tables = [read_spill(s) for s in sources if s.exists()]
+    table = pa.concat_tables(tables) if tables else spill_schema(keep_text).empty_table()
     del tables
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         stats = write_bucket(table, tmp)
+    del table
+    release_memory()
     result = {**asdict(stats), "bucket": bucket, "node": where()}
     write_json(stats_path, result)
     return result

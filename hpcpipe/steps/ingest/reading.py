@@ -1,6 +1,6 @@
 """Reading the input: reviews in chunks of Arrow rows, and the product metadata.
 
-Reviews are streamed in blocks (~32 MB of JSON lines, or ~1M parquet rows). A JSON block goes
+Reviews are streamed in blocks (~16 MB of JSON lines, or ~1M parquet rows). A JSON block goes
 through ``pyarrow.json`` in one call; only a block that fails is split in halves until the bad
 lines are isolated, so one bad line costs a few re-parses of its neighbourhood, not a Python loop
 over the file. A line the parser refuses gets a reason in words (:func:`_diagnose`). JSON lines,
@@ -14,7 +14,7 @@ import io
 import json
 import logging
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq  # type: ignore[import-untyped]
 from isal import igzip, isal_zlib
 
 from hpcpipe.errors import InputError
+from hpcpipe.files import atomic_path
 from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind, truncated
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,24 @@ READ_SCHEMA = pa.schema([
     ("asin", pa.string()), ("parent_asin", pa.string()), ("user_id", pa.string()),
     ("timestamp", pa.int64()), ("helpful_vote", pa.int64()), ("verified_purchase", pa.bool_()),
 ])
+#: Without the review title (not kept unless ``ingest.keep_text``): not parsed at all. The text is
+#: parsed either way, for its length.
+READ_SCHEMA_NO_TITLE = pa.schema([f for f in READ_SCHEMA if f.name != "title"])
 META_SCHEMA = pa.schema([("parent_asin", pa.string()), ("title", pa.string()),
                          ("main_category", pa.string()), ("store", pa.string())])
 
-BLOCK_BYTES = 32 << 20
+#: Below glibc's largest mmap threshold (32 MB): freed blocks are reused from the heap instead
+#: of being mapped and zeroed anew by the kernel each time (32 MB blocks spent a third of the
+#: reading in the kernel).
+BLOCK_BYTES = 16 << 20
 PARQUET_BATCH_ROWS = 1 << 20
 RAW_CHARS = 500
 
 
 @dataclass
 class Chunk:
-    """Parsed rows of one block/batch. ``table`` has READ_SCHEMA; row i came from ``lines[i]``."""
+    """Parsed rows of one block/batch. ``table`` has the schema asked for (READ_SCHEMA or
+    READ_SCHEMA_NO_TITLE); row i came from ``lines[i]``."""
 
     table: pa.Table
     source: str
@@ -64,15 +72,17 @@ class Chunk:
 
 
 def read_reviews(path: Path, start: int = 0, stop: int | None = None,
-                 row_groups: Sequence[int] | None = None, first_row: int = 0) -> Iterator[Chunk]:
-    """Chunks of a reviews file, or of a part of it; the next one is read and parsed in a thread
-    meanwhile. A part of a JSON lines file is the bytes ``start:stop`` (both at line starts; line
-    numbers count from the part's first line); of a parquet file the ``row_groups``, whose first
-    row is row ``first_row`` of the file."""
-    return _prefetched(_read_reviews_here(path, start, stop, row_groups, first_row))
+                 row_groups: Sequence[int] | None = None, first_row: int = 0,
+                 schema: pa.Schema = READ_SCHEMA) -> Generator[Chunk, None, None]:
+    """Chunks of a reviews file, or of a part of it, with the fields of ``schema`` (READ_SCHEMA
+    or READ_SCHEMA_NO_TITLE); the next one is read and parsed in a thread meanwhile. A part of a
+    JSON lines file is the bytes ``start:stop`` (both at line starts; line numbers count from the
+    part's first line); of a parquet file the ``row_groups``, whose first row is row
+    ``first_row`` of the file."""
+    return _prefetched(_read_reviews_here(path, start, stop, row_groups, first_row, schema))
 
 
-def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+def _prefetched(chunks: Iterator[Chunk]) -> Generator[Chunk, None, None]:
     # Reading/parsing (Arrow, GIL released) of chunk k+1 overlaps checking and spilling chunk k.
     with ThreadPoolExecutor(1) as pool:
         nxt = pool.submit(next, chunks, None)
@@ -85,17 +95,18 @@ def _prefetched(chunks: Iterator[Chunk]) -> Iterator[Chunk]:
 
 
 def _read_reviews_here(path: Path, start: int, stop: int | None,
-                       row_groups: Sequence[int] | None, first_row: int) -> Iterator[Chunk]:
+                       row_groups: Sequence[int] | None, first_row: int,
+                       schema: pa.Schema) -> Iterator[Chunk]:
     kind, _ = file_kind(path)
     if kind == "parquet":
-        yield from _read_parquet_reviews(path, row_groups, first_row)
+        yield from _read_parquet_reviews(path, row_groups, first_row, schema)
         return
-    for block, first_line, at_eof in _json_blocks(path, start, stop):
-        parsed, refused = _parse_json_block(block, READ_SCHEMA, at_eof)
+    for block, first_line, at_eof, newlines in _json_blocks(path, start, stop):
+        parsed, refused = _parse_json_block(block, schema, at_eof, newlines)
         refused = [(first_line + line, reason, raw) for line, reason, raw in refused]
         lines = first_line + parsed.line_index
         yield Chunk(parsed.table, str(path), lines, _json_raws(block, parsed), refused,
-                    next_line=first_line + block.count(b"\n") + (not block.endswith(b"\n")))
+                    next_line=first_line + _line_count(block, newlines))
 
 
 def _open_json(path: Path) -> io.BufferedIOBase:
@@ -108,8 +119,9 @@ def _open_json(path: Path) -> io.BufferedIOBase:
 
 
 def _json_blocks(path: Path, start: int = 0, stop: int | None = None
-                 ) -> Iterator[tuple[bytes, int, bool]]:
-    """(bytes of whole lines, line number of the first, is the file's end) of ~BLOCK_BYTES each,
+                 ) -> Iterator[tuple[bytes, int, bool, int]]:
+    """(bytes of whole lines, line number of the first, is the file's end, how many newlines it
+    holds) of ~BLOCK_BYTES each,
     of the whole file or of the (uncompressed) bytes ``start:stop``; the next block is read (and
     decompressed) in a thread while the caller works on this one."""
     f = _open_json(path)
@@ -137,7 +149,7 @@ def _json_blocks(path: Path, start: int = 0, stop: int | None = None
                 data = nxt.result()
                 if not data:
                     if carry:
-                        yield carry, line_no, True
+                        yield carry, line_no, True, carry.count(b"\n")
                     return
                 nxt = pool.submit(read)
                 cut = data.rfind(b"\n") + 1
@@ -147,8 +159,9 @@ def _json_blocks(path: Path, start: int = 0, stop: int | None = None
                 # One copy of the block, however the lines fall.
                 block = b"".join((carry, memoryview(data)[:cut]))
                 carry = data[cut:]
-                yield block, line_no, False
-                line_no += block.count(b"\n")
+                newlines = block.count(b"\n")
+                yield block, line_no, False, newlines
+                line_no += newlines
     finally:
         f.close()
 
@@ -157,8 +170,12 @@ def _json_blocks(path: Path, start: int = 0, stop: int | None = None
 class _Parsed:
     table: pa.Table
     line_index: np.ndarray  # 0-based line within the block of each row
-    starts: np.ndarray
-    ends: np.ndarray
+    starts: np.ndarray | None = None  # where each line starts and ends; None: not needed yet
+    ends: np.ndarray | None = None
+
+
+def _line_count(block: bytes, newlines: int) -> int:
+    return newlines + (bool(block) and not block.endswith(b"\n"))
 
 
 def _line_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -171,27 +188,42 @@ def _line_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _read_json_bytes(data: bytes, schema: pa.Schema) -> pa.Table:
-    return pj.read_json(
+    """``data``'s lines as a table of ``schema`` (other fields ignored). Raises ArrowInvalid for
+    invalid JSON, a value of the wrong type, or bytes that are not UTF-8 in a field it keeps:
+    pyarrow's parser does not check UTF-8, so the kept strings are checked here (a fraction of the
+    block, and no copy of it as Python text)."""
+    table = pj.read_json(
         pa.BufferReader(data),
         read_options=pj.ReadOptions(block_size=max(1 << 20, min(len(data) // 4 + 1, 8 << 20))),
         parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+    for field, column in zip(table.schema, table.columns, strict=True):
+        if pa.types.is_string(field.type):
+            for chunk in column.chunks:
+                chunk.validate(full=True)
+    return table
 
 
-def _parse_json_block(block: bytes, schema: pa.Schema, at_eof: bool = False
-                      ) -> tuple[_Parsed, list[tuple[int, str, str]]]:
-    """Parse whole lines. Fast path: one pyarrow call. If it fails (or rows and lines disagree),
-    split in halves until the failing lines are alone and give each a reason."""
+def _parse_json_block(block: bytes, schema: pa.Schema, at_eof: bool = False,
+                      newlines: int | None = None) -> tuple[_Parsed, list[tuple[int, str, str]]]:
+    """Parse whole lines (``newlines``: how many the block holds, if known). Fast path: one
+    pyarrow call giving a row for every line, and line i is row i. Otherwise the lines are
+    located: blank ones are skipped, and if pyarrow failed, the block is split in halves until
+    the failing lines are alone and each gets a reason."""
+    if newlines is None:
+        newlines = block.count(b"\n")
+    table = None
+    try:
+        table = _read_json_bytes(block, schema)
+        if table.num_rows == _line_count(block, newlines):
+            return _Parsed(table, np.arange(table.num_rows)), []
+    except pa.ArrowInvalid:
+        pass
     starts, ends = _line_spans(block)
     lengths = ends - starts
     nonblank = (lengths > 0) & ~((lengths == 1) & (np.frombuffer(block, np.uint8)[
         np.minimum(starts, len(block) - 1)] == 13))
-    try:
-        block.decode("utf-8")
-        table = _read_json_bytes(block, schema)
-        if table.num_rows == int(nonblank.sum()):
-            return _Parsed(table, np.flatnonzero(nonblank), starts, ends), []
-    except (pa.ArrowInvalid, UnicodeDecodeError):
-        pass
+    if table is not None and table.num_rows == int(nonblank.sum()):
+        return _Parsed(table, np.flatnonzero(nonblank), starts, ends), []
     tables: list[pa.Table] = []
     index: list[np.ndarray] = []
     refused: list[tuple[int, str, str]] = []
@@ -213,13 +245,12 @@ def _bisect(block: bytes, starts: np.ndarray, ends: np.ndarray, nonblank: np.nda
     if expected == 0:
         return
     try:
-        piece.decode("utf-8")
         table = _read_json_bytes(piece, schema)
         if table.num_rows == expected:
             tables.append(table)
             index.append(np.flatnonzero(nonblank[lo:hi]) + lo)
             return
-    except (pa.ArrowInvalid, UnicodeDecodeError):
+    except pa.ArrowInvalid:
         pass
     if hi - lo > 1:
         mid = (lo + hi) // 2
@@ -276,13 +307,16 @@ def _diagnose(raw: bytes, is_last: bool, fields: Sequence[str]) -> str:
 
 def _json_raws(block: bytes, parsed: _Parsed) -> Any:
     def raw(i: int) -> str:
+        if parsed.starts is None or parsed.ends is None:  # found once, for a refused row
+            parsed.starts, parsed.ends = _line_spans(block)
         k = parsed.line_index[i]
         return block[parsed.starts[k]:parsed.ends[k]][:RAW_CHARS * 4].decode("utf-8", "replace")
     return raw
 
 
 def _read_parquet_reviews(path: Path, row_groups: Sequence[int] | None = None,
-                          first_row: int = 0) -> Iterator[Chunk]:
+                          first_row: int = 0, schema: pa.Schema = READ_SCHEMA
+                          ) -> Iterator[Chunk]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -293,7 +327,7 @@ def _read_parquet_reviews(path: Path, row_groups: Sequence[int] | None = None,
         raise InputError(
             f"{path} has no column(s) {', '.join(absent)}; reviews need rating, parent_asin, "
             "user_id and timestamp (Amazon Reviews'23 layout)")
-    cols = [c for c in READ_SCHEMA.names if c in names]
+    cols = [c for c in schema.names if c in names]
     base = first_row
     batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols,
                               row_groups=None if row_groups is None else list(row_groups))
@@ -304,7 +338,7 @@ def _read_parquet_reviews(path: Path, row_groups: Sequence[int] | None = None,
             return
         except (pa.ArrowException, OSError) as exc:
             raise bad_parquet(path, exc) from None
-        table, pre_reason = _coerce_parquet(pa.Table.from_batches([batch]))
+        table, pre_reason = _coerce_parquet(pa.Table.from_batches([batch]), schema)
         n = table.num_rows
 
         def raw(i: int, batch: pa.RecordBatch = batch) -> str:
@@ -314,11 +348,12 @@ def _read_parquet_reviews(path: Path, row_groups: Sequence[int] | None = None,
         base += n
 
 
-def _coerce_parquet(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
-    """Cast parquet columns to READ_SCHEMA; values that cannot be cast get a per-row reason."""
+def _coerce_parquet(table: pa.Table, schema: pa.Schema = READ_SCHEMA
+                    ) -> tuple[pa.Table, np.ndarray | None]:
+    """Cast parquet columns to ``schema``; values that cannot be cast get a per-row reason."""
     pre: np.ndarray | None = None
     cols = {}
-    for field in READ_SCHEMA:
+    for field in schema:
         if field.name not in table.column_names:
             cols[field.name] = pa.nulls(table.num_rows, field.type)
             continue
@@ -349,7 +384,7 @@ def _coerce_parquet(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
             if pre is None:
                 pre = np.full(table.num_rows, None, dtype=object)
             pre[bad & (pre == None)] = reason  # noqa: E711 (elementwise)
-    return pa.table(cols, schema=READ_SCHEMA), pre
+    return pa.table(cols, schema=schema), pre
 
 
 
@@ -357,9 +392,36 @@ def _coerce_parquet(table: pa.Table) -> tuple[pa.Table, np.ndarray | None]:
 # Product metadata.
 
 
-def read_metadata(path: Path) -> pa.Table:
-    """parent_asin, title, main_category, store of every product, first row per parent_asin."""
+def write_metadata(path: Path, out: Path) -> int:
+    """The metadata's parent_asin, title, main_category and store, rows with a parent_asin, in
+    file order, to the parquet file ``out``, a block at a time: memory stays that of a block
+    however many products there are (Amazon Reviews'23 lists 48M). Returns the rows written;
+    :func:`first_per_product` then keeps the first of each product. Raises InputError for a
+    file without parent_asin or without products."""
     kind, _ = file_kind(path)
+    parsed = rows = bad = 0
+    with atomic_path(out) as tmp, pq.ParquetWriter(tmp, META_SCHEMA) as writer:
+        for table, refused in _metadata_blocks(path, kind):
+            bad += refused
+            parsed += table.num_rows
+            table = table.filter(pc.is_valid(table.column("parent_asin")))
+            if table.num_rows:
+                writer.write_table(table)
+                rows += table.num_rows
+    if bad:
+        log.warning("metadata %s: %d unreadable lines skipped", path, bad)
+    if parsed and not rows and kind != "parquet":
+        raise InputError(
+            f"metadata file {path} has no parent_asin field; is it the product metadata "
+            "file (meta_*.jsonl) that goes with the reviews?")
+    if rows == 0:
+        raise InputError(f"metadata file {path} has no products; give the metadata file "
+                         "that goes with the reviews")
+    return rows
+
+
+def _metadata_blocks(path: Path, kind: str) -> Iterator[tuple[pa.Table, int]]:
+    """(rows with META_SCHEMA, lines refused) of each block or batch of a metadata file."""
     if kind == "parquet":
         try:
             pf = pq.ParquetFile(path)
@@ -370,31 +432,21 @@ def read_metadata(path: Path) -> pa.Table:
                     f"{', '.join(sorted(names)[:12])}); is it the product metadata file "
                     "(meta_*.jsonl / .parquet) that goes with the reviews?")
             cols = [c for c in META_SCHEMA.names if c in names]
-            table = pf.read(columns=cols)
+            for batch in pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=cols):
+                yield _conform(pa.Table.from_batches([batch]), META_SCHEMA), 0
         except (pa.ArrowException, OSError) as exc:
             raise bad_parquet(path, exc) from None
-        table = _conform(table, META_SCHEMA)
-    else:
-        parts = []
-        bad = 0
-        for block, _, _ in _json_blocks(path):
-            t, refused = _parse_json_block(block, META_SCHEMA)
-            bad += len(refused)
-            parts.append(t.table)
-        table = pa.concat_tables(parts) if parts else META_SCHEMA.empty_table()
-        if bad:
-            log.warning("metadata %s: %d unreadable lines skipped", path, bad)
-        if table.num_rows and table.column("parent_asin").null_count == table.num_rows:
-            raise InputError(
-                f"metadata file {path} has no parent_asin field; is it the product metadata "
-                "file (meta_*.jsonl) that goes with the reviews?")
-    table = table.filter(pc.is_valid(table.column("parent_asin")))
-    if table.num_rows == 0:
-        raise InputError(f"metadata file {path} has no products; give the metadata file that "
-                         "goes with the reviews")
-    _, first = np.unique(table.column("parent_asin").to_numpy(zero_copy_only=False),
+        return
+    for block, _, _, newlines in _json_blocks(path):
+        t, refused = _parse_json_block(block, META_SCHEMA, newlines=newlines)
+        yield t.table, len(refused)
+
+
+def first_per_product(meta: pa.Table) -> pa.Table:
+    """The first row of each parent_asin of ``meta`` (rows in file order), in file order."""
+    _, first = np.unique(meta.column("parent_asin").to_numpy(zero_copy_only=False),
                          return_index=True)
-    return table.take(pa.array(np.sort(first)))
+    return meta.take(pa.array(np.sort(first)))
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -102,7 +102,8 @@ def validate(chunk: Chunk, now_ms: int, quarantine: Quarantine) -> tuple[Good, i
         c = t.column(col)
         missing = c.is_null().to_numpy(zero_copy_only=False)
         if pa.types.is_string(c.type):
-            missing |= (pc.utf8_length(c.fill_null("")).to_numpy() == 0)
+            missing |= pc.equal(pc.binary_length(c), 0).fill_null(False).to_numpy(
+                zero_copy_only=False)
         mark(missing, f"missing required field: {col}")
     rating = np_of("rating", 3.0)
     mark(np.isnan(rating), "rating is not a number")
@@ -168,21 +169,53 @@ def _top_reasons(reasons: Counter[str]) -> str:
 def sort_and_dedupe(table: pa.Table) -> tuple[pa.Table, int]:
     """``table`` (one bucket, with the input order in ``_row``) sorted by (parent_asin,
     timestamp), without duplicates (user_id, parent_asin, timestamp) but the first in input order;
-    and how many were dropped."""
+    and how many were dropped.
+
+    The order is (parent_asin, timestamp, user_id, _row). It is found on integers: each
+    parent_asin's rank among the bucket's distinct ones and the timestamp packed into one int64
+    key, sorted stably (the spill is in input order); only rows whose key ties (the same product
+    and millisecond) are then ordered by user_id -- a fraction of the cost of sorting the strings.
+    """
     n = table.num_rows
+    if n == 0:
+        return table, 0
+    parent = table.column("parent_asin").combine_chunks().dictionary_encode()
+    ranks = np.empty(len(parent.dictionary), np.int64)
+    ranks[pc.sort_indices(parent.dictionary).to_numpy()] = np.arange(len(parent.dictionary))
+    code = ranks[parent.indices.to_numpy()]
+    ts = table.column("timestamp").to_numpy()
+    row = table.column("_row").to_numpy()
+    lo = int(ts.min())
+    ts_bits = (int(ts.max()) - lo).bit_length()
+    if ts_bits + len(parent.dictionary).bit_length() <= 62:
+        key = (code << ts_bits) | (ts - lo)
+        in_order = bool((np.diff(row) > 0).all())
+        order = (np.argsort(key, kind="stable") if in_order
+                 else np.lexsort((row, key)))
+        key = key[order]
+        tie = key[1:] == key[:-1]
+    else:  # a time span too long to pack (not real review data): sort on both columns
+        order = np.lexsort((row, ts, code))
+        tie = (code[order][1:] == code[order][:-1]) & (ts[order][1:] == ts[order][:-1])
+    if tie.any():
+        # Rows of the same product and millisecond: by user_id, then input order.
+        starts = np.concatenate([[True], ~tie])
+        in_run = ~(starts & np.concatenate([starts[1:], [True]]))
+        at = np.flatnonzero(in_run)
+        group = np.cumsum(starts)[at]
+        users = table.column("user_id").take(pa.array(order[at]))
+        sub = pc.sort_indices(pa.table({"g": group, "u": users, "r": row[order[at]]}),
+                              sort_keys=[("g", "ascending"), ("u", "ascending"),
+                                         ("r", "ascending")]).to_numpy()
+        order[at] = order[at][sub]
+    table = table.take(pa.array(order))
     dups = 0
-    if n:
-        order = pc.sort_indices(table, sort_keys=[
-            ("parent_asin", "ascending"), ("timestamp", "ascending"),
-            ("user_id", "ascending"), ("_row", "ascending")])
-        table = table.take(order)
-        if n > 1:
-            same = np.ones(n - 1, dtype=bool)
-            for col in ("parent_asin", "timestamp", "user_id"):
-                c = table.column(col)
-                same &= pc.equal(c.slice(1), c.slice(0, n - 1)).to_numpy(zero_copy_only=False)
-            if same.any():
-                keep = np.concatenate([[True], ~same])
-                dups = int(n - keep.sum())
-                table = table.filter(pa.array(keep))
+    if tie.any():
+        users = table.column("user_id")
+        same = tie & pc.equal(users.slice(1), users.slice(0, n - 1)).to_numpy(
+            zero_copy_only=False)
+        if same.any():
+            keep = np.concatenate([[True], ~same])
+            dups = int(n - keep.sum())
+            table = table.filter(pa.array(keep))
     return table, dups
