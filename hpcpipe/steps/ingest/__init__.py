@@ -363,9 +363,10 @@ def _guess_buckets(reviews: list[Path], cfg: IngestConfig) -> int:
     return n_guess
 
 
-def _metadata_products(meta_file: Path) -> pa.Array:
-    return pc.unique(pq.read_table(meta_file, columns=["parent_asin"]).column(
-        "parent_asin").combine_chunks())
+def _metadata_products(meta_file: Path) -> pa.ChunkedArray:
+    """The metadata's parent_asin column as written (repeats included: ``is_in`` needs no
+    distinct values, and finding them cost a hash pass over every product per check)."""
+    return pq.read_table(meta_file, columns=["parent_asin"]).column("parent_asin")
 
 
 def _write_products(path: Path, meta: pa.Table, products: pa.Array) -> int:

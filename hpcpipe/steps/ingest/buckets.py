@@ -49,6 +49,8 @@ def output_schema(keep_text: bool) -> pa.Schema:
 def spill_schema(keep_text: bool) -> pa.Schema:
     """The output's columns plus ``_row``, a spilled row's place in the whole input."""
     return output_schema(keep_text).append(pa.field("_row", pa.int64()))
+
+
 SPILL_SUFFIX = ".parquet"
 _SPILL_COMPRESSION = "lz4"  # spill is read back once, soon: cheap to write and read
 #: A chunk's rows of one bucket are few (a 16 MB block over 64 buckets: ~700 rows); they are
