@@ -185,7 +185,10 @@ InactiveLimit=0
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=$DBD_PORT
-AccountingStorageTRES=gres/gpu
+# Connections to slurmdbd are signed with AccountingStoragePass's munge socket, not AuthInfo's:
+# without it sacctmgr and slurmctld use the machine's munged, which need not run.
+${MUNGE_SOCK:+AccountingStoragePass=socket=$MUNGE_SOCK
+}AccountingStorageTRES=gres/gpu
 JobCompType=jobcomp/none
 MailProg=/bin/true
 NodeName=n[1-2] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=$SLURMD_PORTS CPUs=32 RealMemory=64000 Gres=gpu:2 State=UNKNOWN
