@@ -102,11 +102,16 @@ def test_sbatch_rejection_shows_slurms_message_and_cancels_earlier_jobs(tmp_path
                                                                         slurm_cluster) -> None:
     """A rejection no check before queueing can foresee: the partition is set INACTIVE by an
     administrator between the ingest and the features submission. The ingest job already
-    submitted must be cancelled and the error must carry Slurm's words."""
+    submitted must be cancelled and the error must carry Slurm's words.
+
+    The ingest job is held back (--begin) so that it is still queued when the cancel comes: the
+    built-in sample's ingest completes in ~5 s on 25.11, before the features submission fails
+    (an ingest that ended first is recorded as it ended: tests/test_plan.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HPCPIPE_")}
     env.update({"HPCPIPE_RUNS_DIR": str(tmp_path / "runs"), AFTER_SUBMIT_DELAY_ENV: "8"})
     proc = subprocess.Popen(["hpcpipe", "submit", "--partition", "short", "--time", "5", "--set",
-                             "train.signal_seconds=60"],
+                             "train.signal_seconds=60", "--set",
+                             "slurm.extra_sbatch=[--begin=now+1hour]"],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

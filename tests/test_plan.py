@@ -58,8 +58,9 @@ class MemoryBackend(Backend):
     def cancel(self, job_ids: list[str]) -> None:
         if self.fail_cancel:
             raise SchedulerError(["scancel", *job_ids], 1, "", "Unable to contact slurm controller")
-        for j in job_ids:
-            self.queue[j] = "CANCELLED"
+        for j in job_ids:  # as scancel: a job already over stays as it ended
+            if self.queue[j] in ("PENDING", "RUNNING"):
+                self.queue[j] = "CANCELLED"
 
     def check(self, cfg: RunConfig) -> None:
         pass
@@ -119,6 +120,28 @@ def test_a_failed_submit_never_leaves_a_queued_job_unrecorded(tmp_path: Path, fa
         assert not queued
         assert all(s == "CANCELLED" for s in recorded.values())
         assert len(recorded) == fail_at - 1
+
+
+def test_a_job_that_completed_before_the_roll_back_is_recorded_as_it_ended(
+        tmp_path: Path) -> None:
+    """A short ingest can complete while features is being submitted (seen on Slurm 25.11 with
+    the built-in sample): the roll-back must not record it as cancelled, nor say so."""
+    run = _new_run(tmp_path)
+
+    class CompletesFirst(MemoryBackend):
+        def submit(self, script: Path, depends_on: list[str]) -> str:
+            if self.submits == 1:  # ingest ends while features is submitted
+                self.queue["101"] = "COMPLETED"
+            return super().submit(script, depends_on)
+
+    backend = CompletesFirst(fail_submit=3)
+    with pytest.raises(SubmissionError) as err:
+        apply(_plan(run, backend, ["ingest", "features", "train"]), run, backend)
+    assert _on_disk(run) == {"101": "COMPLETED", "102": "CANCELLED"}
+    said = str(err.value)
+    assert "were cancelled: 102\n" in said, said
+    assert "already ended before the cancel: 101 (COMPLETED)" in said, said
+    assert any("101 (COMPLETED) had ended" in e["text"] for e in run.state.events)
 
 
 def test_rerun_uses_the_same_path_and_records_each_job(tmp_path: Path,

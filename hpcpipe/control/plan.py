@@ -156,12 +156,34 @@ def _roll_back(run: Run, backend: Backend, submitted: list[str], step: str, why:
                         f"({cancel_exc}); they are recorded in the run: cancel them with "
                         f"`hpcpipe cancel {run.run_id}` once the scheduler answers: {ids}")
             else:
-                run.event(f"cancelled {ids} after the failed submission")
+                ended = _ended_on_their_own(backend, submitted)
+                cancelled = [j for j in submitted if j not in ended]
                 for rec in run.all_jobs():
-                    if rec.job_id in submitted:
+                    if rec.job_id in ended:
+                        rec.update(state=ended[rec.job_id], final=True)
+                    elif rec.job_id in submitted:
                         rec.update(state="CANCELLED", reason="SubmissionFailed", final=True)
-                said = f"\nJobs already submitted for this run were cancelled: {ids}"
+                if cancelled:
+                    run.event(f"cancelled {', '.join(cancelled)} after the failed submission")
+                    said = ("\nJobs already submitted for this run were cancelled: "
+                            + ", ".join(cancelled))
+                if ended:
+                    over = ", ".join(f"{j} ({s})" for j, s in ended.items())
+                    run.event(f"{over} had ended before the cancel reached them")
+                    said += f"\nJobs of this run that had already ended before the cancel: {over}"
         run.state.submit_failed = True
     finally:
         run.save()  # whatever happened above, the jobs stay on record
     return said
+
+
+def _ended_on_their_own(backend: Backend, job_ids: list[str]) -> dict[str, str]:
+    """The jobs among ``job_ids`` that were over before scancel reached them (a short ingest can
+    complete while the next step is submitted), with the state they ended in. A job the cancel
+    ended reads CANCELLED and is not one of them; when the scheduler does not answer, none is."""
+    try:
+        info = backend.query(job_ids)
+    except SchedulerError:
+        return {}
+    return {j: i.state for j, i in info.items()
+            if j in job_ids and i.terminal and i.state != "CANCELLED"}
