@@ -384,6 +384,24 @@ def test_manifest_without_fingerprint_is_recomputed_once(client, ingest_dir, tmp
     assert "nothing to do" in caplog.text
 
 
+def test_a_bucket_task_run_again_keeps_the_bucket_already_written(ingest_dir, tmp_path):
+    """Dask runs a task again when the worker holding its result dies before the client took
+    it: the bucket that task wrote stays as it is; another input's or an older one is redone."""
+    files = sorted(str(p) for p in (ingest_dir / "reviews" / "bucket=00003").glob("*.parquet"))
+    last_week = json.loads((ingest_dir / "manifest.json").read_text())["last_week"]
+    out = tmp_path / "bucket=00003" / features.PART_NAME
+    first = features.process_bucket(files, str(out), last_week, "fp-a")
+    assert "kept" not in first and first["rows_in"] > 0
+    written = out.stat().st_mtime_ns
+    again = features.process_bucket(files, str(out), last_week, "fp-a")
+    assert again["kept"] and out.stat().st_mtime_ns == written
+    assert (again["rows_in"], again["rows_out"]) == (first["rows_in"], first["rows_out"])
+    other = features.process_bucket(files, str(out), last_week, "fp-b")
+    assert "kept" not in other and out.stat().st_mtime_ns != written
+    os.utime(out, (1, 1))  # older than its input
+    assert "kept" not in features.process_bucket(files, str(out), last_week, "fp-b")
+
+
 def test_resources_are_not_part_of_what_features_are_computed_from(full_run, client,
                                                                    ingest_dir, caplog):
     out, manifest = full_run

@@ -280,8 +280,15 @@ def _read_bucket(files: list[str]) -> pa.Table:
 
 def process_bucket(files: list[str], out_path: str, last_week: str, fp: str = "") -> dict[str, Any]:
     """Compute one bucket's features, write them atomically to ``out_path`` (``fp``, the
-    fingerprint of what they are computed from, in the file's footer); runs on a worker."""
+    fingerprint of what they are computed from, in the file's footer); runs on a worker.
+
+    A bucket already written from the same input is kept as it is: Dask runs a task again when
+    the worker holding its result dies before the result was collected, and the finished
+    bucket must not be computed (nor rewritten) twice."""
     start = time.perf_counter()
+    if fp and (rows_out := _reusable_rows(Path(out_path), files, fp)) is not None:
+        return {"rows_in": _rows(files), "rows_out": rows_out, "kept": True,
+                "seconds": time.perf_counter() - start}
     table = _read_bucket(files)
     rows_in = table.num_rows
     if rows_in:
@@ -490,6 +497,9 @@ def build_features(
             # Let the cluster forget the finished bucket now: while a worker holds the result,
             # its death makes Dask compute (and write) the bucket again.
             future.release()
+            if result.get("kept"):
+                log.info("bucket %05d already written from the same input (its worker died "
+                         "before the result was collected), kept", b)
             rows_out[b] = result["rows_out"]
             rows_done += result["rows_in"]
             bar.update(result["rows_in"])
