@@ -235,8 +235,9 @@ class _Tasks:
     def run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]],
             done: Callable[[Any], str]) -> Generator[Any, None, None]:
         """``fn(*args)`` for every tuple in ``calls``; results as they come, each logged with
-        ``done(result)``. On a cluster the tasks are submitted before this returns (closing the
-        generator cancels them); in this process each runs when its result is asked for."""
+        ``done(result)``. On a cluster the tasks are submitted before this returns; closing the
+        generator once it has yielded cancels them, before that :meth:`cancel` does. In this
+        process each runs when its result is asked for."""
         if self.client is None:
             return self._here(fn, calls, done)
         self.futures = [self.client.submit(fn, *args, key=f"ingest-{what}-{i:05d}-{self.tag}",

@@ -94,7 +94,7 @@ def bucket_count(valid: int, guessed: int, target: int) -> int:
     return guessed if 0.75 * target <= valid / guessed <= 1.25 * target else exact
 
 
-def spill_rows(t: pa.Table, rows: np.ndarray, keep_text: bool = True) -> pa.Table:
+def spill_rows(t: pa.Table, rows: np.ndarray, keep_text: bool = False) -> pa.Table:
     """Valid rows in the output layout (:func:`spill_schema`), plus ``_row``: their place in the
     whole input."""
     text = t.column("text")
