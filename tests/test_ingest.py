@@ -472,3 +472,24 @@ def test_metadata_keeps_the_first_record_of_a_product_from_parquet_too(tmp_path)
                cfg())
         products = pq.read_table(tmp_path / f"out-{meta}" / "products.parquet").to_pylist()
         assert [p["title"] for p in products] == [f"first {i}" for i in range(7)]
+
+
+@pytest.mark.parametrize("slice_rows", [1, 3, 1 << 16])
+def test_metadata_coverage_counts_the_same_in_slices_as_at_once(tmp_path, monkeypatch,
+                                                                 slice_rows):
+    """The metadata's products are looked up a slice at a time (memory of the products asked
+    about, not of all 48M listed): every count equals the whole-column answer, whatever the
+    slice size, with products listed twice, absent, or at a slice's edge."""
+    from hpcpipe.steps.ingest import validation
+
+    monkeypatch.setattr(validation, "_COVERAGE_MIN_SLICE", slice_rows)
+    listed = [f"P{i}" for i in range(0, 300, 2)] + ["P10", "P298", "P0"]
+    meta = tmp_path / "meta.parquet"
+    pq.write_table(pa.table({"parent_asin": listed}), meta, row_group_size=7)
+    rng = np.random.default_rng(5)
+    for asked in ([], ["P1"], ["P298"], [f"P{i}" for i in rng.permutation(320)[:90]],
+                  [f"P{i}" for i in range(320)]):
+        products = pa.array(asked, pa.string())
+        want = pc.sum(pc.is_in(products, value_set=pa.array(listed))).as_py() or 0
+        assert validation.metadata_covers(products, meta) == want
+    assert validation.metadata_covers(pa.array([f"P{i}" for i in range(320)]), meta) == 150

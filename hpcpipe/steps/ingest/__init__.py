@@ -185,7 +185,9 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
         release_memory()  # what parsing the (large) metadata records freed
         sample = first_products(reviews[0])
         if len(sample) >= _EARLY_COVERAGE_PRODUCTS:
-            check_coverage(sample, _metadata_products(meta_file), reviews[0], metadata)
+            check_coverage(sample, meta_file, reviews[0], metadata)
+        del sample
+        release_memory()  # the first block's parse: this process then waits on the parts
     except BaseException:
         tasks.cancel()
         raise
@@ -198,7 +200,8 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
         _check_units(parts, read)
         check_some_valid(reviews, rows_in, valid, quarantine)
         products = distinct_products(work, parts)
-        check_coverage(products, _metadata_products(meta_file), reviews[0], metadata)
+        check_coverage(products, meta_file, reviews[0], metadata)
+        release_memory()
         n_buckets = _regrouped(tasks, work, len(parts), valid, n_guess, cfg)
         buckets = list(tasks.run("bucket", finish_bucket,
                                  [(str(work), b, len(parts), n_buckets, cfg.keep_text)
@@ -362,12 +365,6 @@ def _guess_buckets(reviews: list[Path], cfg: IngestConfig) -> int:
     log.info("reading %d reviews file(s), about %d rows -> %d bucket(s) expected",
              len(reviews), estimate, n_guess)
     return n_guess
-
-
-def _metadata_products(meta_file: Path) -> pa.ChunkedArray:
-    """The metadata's parent_asin column as written (repeats included: ``is_in`` needs no
-    distinct values, and finding them cost a hash pass over every product per check)."""
-    return pq.read_table(meta_file, columns=["parent_asin"]).column("parent_asin")
 
 
 def _write_products(path: Path, meta: pa.Table, products: pa.Array) -> int:

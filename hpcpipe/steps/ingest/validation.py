@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
+import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
 from hpcpipe.errors import InputError
 from hpcpipe.files import temp_name
@@ -29,6 +30,7 @@ from hpcpipe.steps.ingest.reading import RAW_CHARS, REQUIRED, Chunk
 _SECONDS_FLOOR = 631_152_000
 _MS_FLOOR = 100_000_000_000  # 1973-03-03 in ms: nothing earlier is a plausible review time
 REASON_SECONDS = "timestamp looks like seconds, not milliseconds"
+_COVERAGE_MIN_SLICE = 1 << 16
 _MIN_METADATA_COVERAGE = 0.5
 
 
@@ -150,16 +152,32 @@ def check_some_valid(reviews: Sequence[Path], rows_in: int, valid: int,
             f"{quarantine.path} for the refused rows and fix the input")
 
 
-def check_coverage(products: pa.Array, meta_ids: pa.ChunkedArray, reviews: Path,
-                   metadata: Path) -> None:
-    """Refuse metadata that lacks most reviewed products: it belongs to other reviews."""
-    found = pc.sum(pc.is_in(products, value_set=meta_ids)).as_py() or 0
+def check_coverage(products: pa.Array, meta_file: Path, reviews: Path, metadata: Path) -> None:
+    """Refuse metadata that lacks most reviewed ``products`` (distinct): it belongs to other
+    reviews. ``meta_file`` is the metadata as :func:`write_metadata` wrote it."""
+    found = metadata_covers(products, meta_file)
     share = found / max(1, len(products))
     if share < _MIN_METADATA_COVERAGE:
         raise InputError(
             f"metadata {metadata} does not match reviews {reviews}: only {found} of "
             f"{len(products)} reviewed products ({share:.0%}) are in it. Give the metadata file "
             "of the same category/dump as the reviews")
+
+
+def metadata_covers(products: pa.Array, meta_file: Path) -> int:
+    """How many of ``products`` (distinct) are in ``meta_file``'s parent_asin column.
+
+    The column is read in slices of a few times ``len(products)`` rows: each slice is hashed
+    once and every product looked up in it, so memory follows the products asked about (a
+    first block's worth for the early check), not the metadata's product count (48M in the
+    full data set), and the lookups stay a few per metadata row.
+    """
+    found = np.zeros(len(products), dtype=bool)
+    batch_rows = max(_COVERAGE_MIN_SLICE, 4 * len(products))
+    for batch in pq.ParquetFile(meta_file).iter_batches(batch_size=batch_rows,
+                                                        columns=["parent_asin"]):
+        found |= pc.is_in(products, value_set=batch.column(0)).to_numpy(zero_copy_only=False)
+    return int(found.sum())
 
 
 def _top_reasons(reasons: Counter[str]) -> str:
