@@ -133,20 +133,20 @@ class Spill:
     def add(self, table: pa.Table, parent_asin: pa.Array | None = None) -> None:
         """Spill ``table``'s rows to their buckets; ``parent_asin``: its column already
         dictionary-encoded, if the caller has it (each distinct value is hashed once)."""
-        buckets = bucket_of(table.column("parent_asin") if parent_asin is None else parent_asin,
-                            self.n_buckets)
         if self.n_buckets == 1:
-            self._buffer(0, table)
-            return
-        order = np.argsort(buckets, kind="stable")
-        table = table.take(pa.array(order))
-        bounds = np.searchsorted(buckets[order], np.arange(self.n_buckets + 1))
-        for b in range(self.n_buckets):
-            if bounds[b + 1] > bounds[b]:
-                self._buffer(b, table.slice(bounds[b], bounds[b + 1] - bounds[b]))
-
-    def _buffer(self, b: int, table: pa.Table) -> None:
-        self.pending.setdefault(b, []).append(table)
+            self.pending.setdefault(0, []).append(table)
+        else:
+            buckets = bucket_of(
+                table.column("parent_asin") if parent_asin is None else parent_asin,
+                self.n_buckets)
+            order = np.argsort(buckets, kind="stable")
+            table = table.take(pa.array(order))
+            bounds = np.searchsorted(buckets[order], np.arange(self.n_buckets + 1))
+            for b in np.flatnonzero(np.diff(bounds)).tolist():  # the buckets it has rows of
+                self.pending.setdefault(b, []).append(
+                    table.slice(bounds[b], bounds[b + 1] - bounds[b]))
+        # Counted once for the whole table: asking nbytes of every slice (11k times per 1.6M
+        # rows at 191 buckets) was a fifth of the spill's time.
         self.pending_bytes += table.nbytes
         if self.pending_bytes >= SPILL_BUFFER_BYTES:
             self.flush()
