@@ -174,9 +174,10 @@ def metadata_covers(products: pa.Array, meta_file: Path) -> int:
     """
     found = np.zeros(len(products), dtype=bool)
     batch_rows = max(_COVERAGE_MIN_SLICE, 4 * len(products))
-    for batch in pq.ParquetFile(meta_file).iter_batches(batch_size=batch_rows,
-                                                        columns=["parent_asin"]):
-        found |= pc.is_in(products, value_set=batch.column(0)).to_numpy(zero_copy_only=False)
+    with pq.ParquetFile(meta_file) as f:
+        for batch in f.iter_batches(batch_size=batch_rows, columns=["parent_asin"]):
+            found |= pc.is_in(products, value_set=batch.column(0)).to_numpy(
+                zero_copy_only=False)
     return int(found.sum())
 
 
