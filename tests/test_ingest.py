@@ -20,7 +20,8 @@ from hpcpipe.config import IngestConfig, RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter, read_metrics
-from hpcpipe.steps.ingest import REASON_SECONDS, bucket_count, bucket_of, ingest, run
+from hpcpipe.steps.ingest import REASON_SECONDS, _write_products, bucket_count, bucket_of, ingest, run
+from hpcpipe.steps.ingest.reading import META_SCHEMA
 from hpcpipe.steps.synth import write_synthetic
 
 TS = 1_600_000_000_000  # 2020-09-13, in ms
@@ -493,3 +494,27 @@ def test_metadata_coverage_counts_the_same_in_slices_as_at_once(tmp_path, monkey
         want = pc.sum(pc.is_in(products, value_set=pa.array(listed))).as_py() or 0
         assert validation.metadata_covers(products, meta) == want
     assert validation.metadata_covers(pa.array([f"P{i}" for i in range(320)]), meta) == 150
+
+
+def test_products_are_each_reviewed_products_first_metadata_row_in_name_order(tmp_path):
+    """products.parquet, found by sorting parent_asin alone, equals the plain definition: for every
+    reviewed product in name order, its first metadata row, or nulls without one."""
+    rng = np.random.default_rng(7)
+    names = [f"P{rng.integers(0, 10**6):06d}" for _ in range(400)]
+    meta = pa.table({"parent_asin": [names[i] for i in rng.integers(0, 300, 900)],
+                     "title": [f"t{i}" for i in range(900)],
+                     "main_category": [None if i % 5 == 0 else f"c{i}" for i in range(900)],
+                     "store": [f"s{i}" for i in range(900)]}, schema=META_SCHEMA)
+    pq.write_table(meta, tmp_path / "meta.parquet", row_group_size=64)
+    # Reviewed: most of the first 300 names (with metadata), and 100 with none.
+    reviewed = sorted(set(names[:250] + names[300:]) - set(names[::9]))
+    products = pa.array(rng.permutation(np.array(reviewed, dtype=object)), pa.string())
+    missing = _write_products(tmp_path / "products.parquet", tmp_path / "meta.parquet", products)
+
+    first: dict[str, dict] = {}
+    for row in meta.to_pylist():
+        first.setdefault(row["parent_asin"], row)
+    expected = [first.get(p, {"parent_asin": p, "title": None, "main_category": None,
+                              "store": None}) for p in reviewed]
+    assert pq.read_table(tmp_path / "products.parquet").to_pylist() == expected
+    assert missing == sum(p not in first for p in reviewed) > 0

@@ -396,7 +396,7 @@ def write_metadata(path: Path, out: Path) -> int:
     """The metadata's parent_asin, title, main_category and store, rows with a parent_asin, in
     file order, to the parquet file ``out``, a block at a time: memory stays that of a block
     however many products there are (Amazon Reviews'23 lists 48M). Returns the rows written;
-    :func:`first_per_product` then keeps the first of each product. Raises InputError for a
+    the ingest then keeps the first row of each product. Raises InputError for a
     file without parent_asin or without products."""
     kind, _ = file_kind(path)
     parsed = rows = bad = 0
@@ -440,13 +440,6 @@ def _metadata_blocks(path: Path, kind: str) -> Iterator[tuple[pa.Table, int]]:
     for block, _, _, newlines in _json_blocks(path):
         t, refused = _parse_json_block(block, META_SCHEMA, newlines=newlines)
         yield t.table, len(refused)
-
-
-def first_per_product(meta: pa.Table) -> pa.Table:
-    """The first row of each parent_asin of ``meta`` (rows in file order), in file order."""
-    _, first = np.unique(meta.column("parent_asin").to_numpy(zero_copy_only=False),
-                         return_index=True)
-    return meta.take(pa.array(np.sort(first)))
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
