@@ -14,7 +14,8 @@ How it runs, in bounded memory, one module per part:
    (:mod:`.reading`), checked (:mod:`.validation`; refused rows to its quarantine file with
    file, line, reason and raw text) and spilled to hash buckets of its own (:mod:`.buckets`).
 3. Then every bucket is a task: its rows from all parts sorted, deduplicated and written; the
-   quarantines are merged in input order; products and counts summed.
+   quarantines are merged in input order; the buckets' products and counts summed, and the
+   metadata checked against those products before anything is installed.
 
 Work in progress lives in ``.work-<fingerprint>/`` next to the output: after a kill, the parts
 and buckets already finished are not read again. The reviews folder is renamed into place when
@@ -62,7 +63,7 @@ from hpcpipe.steps.ingest.inputs import (
 )
 from hpcpipe.steps.ingest.parts import (
     Part,
-    distinct_products,
+    bucket_products,
     finish_bucket,
     first_products,
     merge_quarantine,
@@ -200,13 +201,15 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
         merge_quarantine(work, parts, read, quarantine)
         _check_units(parts, read)
         check_some_valid(reviews, rows_in, valid, quarantine)
-        products = distinct_products(work, parts)
-        check_coverage(products, meta_file, reviews[0], metadata)
-        release_memory()
         n_buckets = _regrouped(tasks, work, len(parts), valid, n_guess, cfg)
         buckets = list(tasks.run("bucket", finish_bucket,
                                  [(str(work), b, len(parts), n_buckets, cfg.keep_text)
                                   for b in range(n_buckets)], _bucket_done))
+        # The products come from the finished buckets; nothing is installed unless the
+        # metadata covers them.
+        products = bucket_products(work, n_buckets)
+        check_coverage(products, meta_file, reviews[0], metadata)
+        release_memory()
         _install(work / "reviews", out_dir / "reviews")
         log.info("sorted and wrote %d buckets; %.1f s so far", n_buckets,
                  time.perf_counter() - start)

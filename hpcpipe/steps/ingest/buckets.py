@@ -192,12 +192,18 @@ class BucketStats:
     max_timestamp: int
 
 
-def write_bucket(table: pa.Table, path: Path) -> BucketStats:
-    """One bucket's spilled rows sorted, deduplicated and written to ``path`` (zstd)."""
+def write_bucket(table: pa.Table, path: Path) -> tuple[BucketStats, pa.Array]:
+    """One bucket's spilled rows sorted, deduplicated and written to ``path`` (zstd); what it
+    holds and its distinct products (from the sorted rows: no hash table)."""
     table, dups = sort_and_dedupe(table)
     table = table.drop_columns(["_row"])
     pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)
     if table.num_rows == 0:
-        return BucketStats(0, dups, 0, 0)
+        return BucketStats(0, dups, 0, 0), pa.array([], pa.string())
     lo, hi = pc.min_max(table.column("timestamp")).values()
-    return BucketStats(table.num_rows, dups, lo.as_py(), hi.as_py())
+    parent = table.column("parent_asin").combine_chunks()
+    first = np.ones(len(parent), bool)
+    first[1:] = pc.not_equal(parent.slice(1), parent.slice(0, len(parent) - 1)).to_numpy(
+        zero_copy_only=False)
+    return (BucketStats(table.num_rows, dups, lo.as_py(), hi.as_py()),
+            parent.filter(pa.array(first)))

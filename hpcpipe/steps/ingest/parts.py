@@ -4,11 +4,13 @@
    parquet file split at row groups, an uncompressed JSON lines file at line starts (a gzip
    stream cannot be entered in the middle, so a ``.gz`` file is one part: give several files).
 2. :func:`read_part`: one part read, checked and spilled to hash buckets in the part's own folder,
-   with its own quarantine file, products and counts; ``done.json``, written last, makes a
-   finished part skipped when the step runs again after a kill.
+   with its own quarantine file and counts; ``done.json``, written last, makes a finished part
+   skipped when the step runs again after a kill.
 3. :func:`regroup_part` (only when the bucket guess was far off) and :func:`finish_bucket`: one
-   bucket's rows from every part sorted, deduplicated and written; its ``.json`` beside it,
-   written last, marks it finished.
+   bucket's rows from every part sorted, deduplicated and written, with its distinct products
+   (a product's rows are all in one bucket: the buckets' lists are the input's, without a set
+   of every product in any one process); its ``.json`` beside it, written last, marks it
+   finished.
 
 Exact whatever the parallelism: a spilled row's ``_row`` is (part index << 40) + its place in the
 part, so "first in input order" is the same for one worker or many, and a part's quarantine lines
@@ -179,7 +181,6 @@ def read_part(part: Part, work: str, n_buckets: int, now_ms: int,
     path = Path(part.path)
     rows_in = valid = seconds_like = with_ts = 0
     lines = 0
-    products: list[pa.Array] = []
     spill = Spill(folder, n_buckets, spill_schema(keep_text))
     base = part.index << ROW_SHIFT
     with Quarantine(folder / "quarantine.jsonl") as quarantine:
@@ -199,18 +200,10 @@ def read_part(part: Part, work: str, n_buckets: int, now_ms: int,
                 continue
             rows = spill_rows(good.table, base + rows_in - n + np.flatnonzero(good.mask),
                               keep_text)
-            parent = rows.column("parent_asin").combine_chunks().dictionary_encode()
-            uniq = parent.dictionary
-            products.append(uniq)
-            if len(products) > 16:  # keep the distinct products compact
-                products = [pc.unique(pa.chunked_array(products).combine_chunks())]
-            spill.add(rows, parent)
+            spill.add(rows)
             valid += rows.num_rows
         spill.close()
         reasons = dict(quarantine.reasons)
-    distinct = (pc.unique(pa.chunked_array(products, pa.string()).combine_chunks())
-                if products else pa.array([], pa.string()))
-    pq.write_table(pa.table({"parent_asin": distinct}), folder / "products.parquet")
     release_memory()
     result = {"part": asdict(part), "rows_in": rows_in, "valid": valid, "lines": lines,
               "seconds_like": seconds_like, "with_timestamp": with_ts, "reasons": reasons,
@@ -263,7 +256,7 @@ def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
     root = Path(work)
     stats_path = root / "buckets" / f"{bucket:05d}.json"
     out = root / "reviews" / f"bucket={bucket:05d}" / "part-0.parquet"
-    if stats_path.is_file() and out.is_file():
+    if stats_path.is_file() and out.is_file() and products_file(root, bucket).is_file():
         return dict(read_json(stats_path), skipped=True)
     sources = [spill_file(root, p, n_buckets, bucket) for p in range(n_parts)]
     tables = [read_spill(s) for s in sources if s.exists()]
@@ -271,8 +264,10 @@ def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
     del tables
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
-        stats = write_bucket(table, tmp)
+        stats, products = write_bucket(table, tmp)
     del table
+    with atomic_path(products_file(root, bucket)) as tmp:
+        pq.write_table(pa.table({"parent_asin": products}), tmp)
     release_memory()
     result = {**asdict(stats), "bucket": bucket, "node": where()}
     write_json(stats_path, result)
@@ -299,9 +294,13 @@ def merge_quarantine(work: Path, parts: list[Part], results: dict[int, dict[str,
         offset += results[part.index]["lines"]
 
 
-def distinct_products(work: Path, parts: list[Part]) -> pa.Array:
-    """Every reviewed product once, over all parts."""
-    tables = [pq.read_table(part_dir(work, p.index) / "products.parquet") for p in parts]
-    column = pa.concat_tables(tables).column("parent_asin") if tables else pa.chunked_array(
-        [], pa.string())
-    return pc.unique(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+def products_file(work: Path, bucket: int) -> Path:
+    """Where :func:`finish_bucket` lists the distinct products of ``bucket``."""
+    return Path(work) / "buckets" / f"{bucket:05d}.products.parquet"
+
+
+def bucket_products(work: Path, n_buckets: int) -> pa.Array:
+    """Every reviewed product once: the finished buckets' lists, which cannot overlap."""
+    lists = [pq.read_table(products_file(work, b)).column(0) for b in range(n_buckets)]
+    return (pa.chunked_array([c for col in lists for c in col.chunks], pa.string())
+            .combine_chunks())
