@@ -121,8 +121,9 @@ class Spill:
     Not parquet: a parquet writer keeps every row group's metadata in memory until it is closed,
     and with a bounded buffer the row groups get smaller as the buckets get more, so that memory
     grew with the square of the input (at 95.4M reviews, ~30 MB a worker by the end of a file).
-    A stream keeps nothing per batch. Measured on a 1.6M-row slice: ~12% faster than lz4 parquet,
-    the files ~70% larger.
+    A stream keeps nothing per batch. Measured on 1.6M realistic rows at 191 buckets: written in
+    0.45-0.49 s instead of 0.77-0.83 s, read back in 0.03 s instead of 0.22-0.28 s, the files 60%
+    larger.
     """
 
     def __init__(self, folder: Path, n_buckets: int, schema: pa.Schema) -> None:
