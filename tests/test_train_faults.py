@@ -138,6 +138,7 @@ def test_sigterm_to_the_process_group_with_loader_workers_checkpoints_and_resume
 # 2. Divergence is a failure, never a score
 
 
+@pytest.mark.filterwarnings("error")
 def test_smape_never_counts_nan_as_perfect() -> None:
     assert math.isnan(predict.smape(np.array([np.nan, 1.0]), np.array([0.0, 1.0])))
     assert math.isnan(predict.smape(np.array([np.inf, 1.0]), np.array([3.0, 1.0])))

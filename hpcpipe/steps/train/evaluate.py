@@ -47,9 +47,10 @@ def smape_terms(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
     true = np.asarray(true, dtype=np.float64)
     denom = np.abs(pred) + np.abs(true)
     out = np.zeros_like(denom)
-    nz = denom > 0
-    out[nz] = 2.0 * np.abs(pred[nz] - true[nz]) / denom[nz]
-    out[~(np.isfinite(pred) & np.isfinite(true))] = np.nan
+    finite = np.isfinite(pred) & np.isfinite(true)
+    ok = finite & (denom > 0)  # not inf/inf: no NaN computed, so no warning
+    out[ok] = 2.0 * np.abs(pred[ok] - true[ok]) / denom[ok]
+    out[~finite] = np.nan
     return out
 
 
