@@ -40,7 +40,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
@@ -53,7 +52,7 @@ from hpcpipe.run.provenance import fingerprint
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.runtime.memory import release_memory
 from hpcpipe.steps.done import already_done
-from hpcpipe.steps.ingest.buckets import bucket_count, bucket_of
+from hpcpipe.steps.ingest.buckets import bucket_count, bucket_of, run_starts
 from hpcpipe.steps.ingest.inputs import (
     checked_inputs,
     configured_inputs,
@@ -386,9 +385,7 @@ def _write_products(path: Path, meta_file: Path, products: pa.Array) -> int:
     by_name = pc.sort_indices(parent)  # stable: a product's rows stay in file order
     ordered = parent.take(by_name)
     del parent
-    first = np.ones(len(ordered), bool)  # the first row of each product in that order
-    first[1:] = pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(
-        zero_copy_only=False)
+    first = run_starts(ordered)  # the first row of each product in that order
     names = ordered.filter(pa.array(first))
     rows = by_name.to_numpy()[first]
     del ordered, by_name

@@ -140,15 +140,12 @@ class Spill:
     def path(self, b: int) -> Path:
         return self.folder / f"{b:05d}{SPILL_SUFFIX}"
 
-    def add(self, table: pa.Table, parent_asin: pa.Array | None = None) -> None:
-        """Spill ``table``'s rows to their buckets; ``parent_asin``: its column already
-        dictionary-encoded, if the caller has it (each distinct value is hashed once)."""
+    def add(self, table: pa.Table) -> None:
+        """Spill ``table``'s rows to their buckets."""
         if self.n_buckets == 1:
             self.pending.setdefault(0, []).append(table)
         else:
-            buckets = bucket_of(
-                table.column("parent_asin") if parent_asin is None else parent_asin,
-                self.n_buckets)
+            buckets = bucket_of(table.column("parent_asin"), self.n_buckets)
             order = np.argsort(buckets, kind="stable")
             table = table.take(pa.array(order))
             bounds = np.searchsorted(buckets[order], np.arange(self.n_buckets + 1))
@@ -212,8 +209,15 @@ def write_bucket(table: pa.Table, path: Path) -> tuple[BucketStats, pa.Array]:
         return BucketStats(0, dups, 0, 0), pa.array([], pa.string())
     lo, hi = pc.min_max(table.column("timestamp")).values()
     parent = table.column("parent_asin").combine_chunks()
-    first = np.ones(len(parent), bool)
-    first[1:] = pc.not_equal(parent.slice(1), parent.slice(0, len(parent) - 1)).to_numpy(
-        zero_copy_only=False)
     return (BucketStats(table.num_rows, dups, lo.as_py(), hi.as_py()),
-            parent.filter(pa.array(first)))
+            parent.filter(pa.array(run_starts(parent))))
+
+
+def run_starts(ordered: pa.Array) -> np.ndarray:
+    """Where each run of equal values of the sorted ``ordered`` starts (bool per row): its
+    distinct values without a hash table."""
+    first = np.ones(len(ordered), bool)
+    if len(ordered) > 1:
+        first[1:] = pc.not_equal(ordered.slice(1), ordered.slice(0, len(ordered) - 1)).to_numpy(
+            zero_copy_only=False)
+    return first
