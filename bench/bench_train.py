@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from hpcpipe.config import TrainConfig
-from hpcpipe.steps.train import data
+from hpcpipe.steps.train import data, loaders
 from hpcpipe.steps.train.model import (
     autocast,
     autocast_dtype,
@@ -78,7 +78,7 @@ def loader_rate(ds: data.ForecastDataset, batch_size: int, num_workers: int, cud
                 seconds: float) -> float:
     """Samples/s the training DataLoader delivers with no model consuming them."""
     sampler = data.ResumableSampler(ds, 1, 0, seed=0)
-    loader = data.train_loader(ds, sampler, batch_size, num_workers, cuda)
+    loader = loaders.train_loader(ds, sampler, batch_size, num_workers, cuda)
     n, start, epoch = 0, None, 0
     while True:
         sampler.set_epoch(epoch)
@@ -180,7 +180,7 @@ def loop_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
     r.steps_per_epoch = warm + steps
     ds = synthetic_dataset(max(rows, batch_size * (warm + steps)), products, seq_len, freeze)
     r.sampler = data.ResumableSampler(ds, 1, 0, seed=0)
-    r.loader = data.train_loader(ds, r.sampler, batch_size, num_workers, cuda)
+    r.loader = loaders.train_loader(ds, r.sampler, batch_size, num_workers, cuda)
     torch.manual_seed(0)
     r.model = build_model(folder, len(data.NUMERIC_NAMES), freeze).to(device)
     if freeze:
@@ -199,8 +199,7 @@ def loop_rate(folder: Path, freeze: bool, device: torch.device, precision: str,
         real_step()
 
     r._train_step = timed_step  # type: ignore[method-assign]
-    with r._dead_workers_reported_by_the_loop():
-        r._train_epoch()
+    r._train_epoch()
     if cuda:
         torch.cuda.synchronize(device)
     end = time.perf_counter()

@@ -61,25 +61,40 @@ def strict_records(path: Path) -> list[dict]:
     return [json.loads(line, parse_constant=refuse) for line in path.read_text().splitlines()]
 
 
-#: The train job with loader workers that die of SIGTERM as torch's own do: what a worker still
-#: starting when the signal comes (before its worker_init_fn) does.
+#: The train job with loader workers that die of SIGTERM, as torch's own would: the hook
+#: unblocks the signal the workers are born blocking and restores its default action. A worker
+#: imports it by name (it is pickled by reference), so it lives in a module on PYTHONPATH.
 WORKERS_DIE_OF_SIGTERM = """
 import runpy, sys
-import hpcpipe.steps.train.data as data
-data.ignore_stop_signals = lambda worker_id: None
+import hpcpipe.steps.train.loaders as loaders
+import workers_die
+loaders.ignore_stop_signals = workers_die.die_of_sigterm
 sys.argv = ["train.py", "--run-dir", sys.argv[1]]
 runpy.run_module("hpcpipe.jobs.train", run_name="__main__")
+"""
+WORKERS_DIE_MODULE = """
+import signal
+
+
+def die_of_sigterm(worker_id):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 """
 
 
 def start_job(run_dir: Path, env: dict[str, str] | None = None,
               workers_die: bool = False) -> subprocess.Popen:
     """The train job as the local runner starts it: in a process group of its own."""
-    how = ["-c", WORKERS_DIE_OF_SIGTERM] if workers_die else ["-m", "hpcpipe.jobs.train",
-                                                              "--run-dir"]
+    how = ["-m", "hpcpipe.jobs.train", "--run-dir"]
+    env = {**subprocess_env(), **(env or {})}
+    if workers_die:
+        hooks = Path(run_dir).parent / "hooks"
+        hooks.mkdir(exist_ok=True)
+        (hooks / "workers_die.py").write_text(WORKERS_DIE_MODULE)
+        how = ["-c", WORKERS_DIE_OF_SIGTERM]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))
     return subprocess.Popen([sys.executable, "-u", *how, str(run_dir)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**subprocess_env(), **(env or {})}, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
 
 
 def finish_job(layout: RunLayout) -> None:

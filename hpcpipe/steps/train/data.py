@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler
 
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, is_temp
@@ -45,6 +44,7 @@ from hpcpipe.steps.train.model import (
     tokenizer_fingerprint,
     week_number,
 )
+from hpcpipe.steps.train.shared import SharesArrays, shared
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _numeric_features(feats: Any, week: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class History:
+class History(SharesArrays):
     """Every product's weekly review counts as one dense (P, W) table, so that a batch gathers
     each row's last ``HISTORY_WEEKS`` weeks in one numpy indexing (no per-row arrays: 2M reviews
     make ~1M rows but only ~25k x 313 cells). Weeks before a product's first review are -1 (the
@@ -205,6 +205,10 @@ class History:
         np.minimum.at(first_col, rows.product, column)
         counts[np.arange(n_cols)[None, :] < first_col[:, None]] = -1.0
         return cls(counts, column.astype(np.int64), first_week, weeks)
+
+    def share_memory(self) -> None:
+        """Move the tables into shared memory (see :meth:`ForecastDataset.share_memory`)."""
+        self.counts, self.column = shared(self.counts), shared(self.column)
 
     def window(self, rows: np.ndarray, product: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(counts (B, weeks) float32 from this week back, -1 before the first review; the
@@ -313,7 +317,7 @@ class Normalizer:
 
 
 @dataclass
-class Tokens:
+class Tokens(SharesArrays):
     """Token ids of every product (right padded to max_length) and their lengths, memory-mapped."""
 
     ids: np.ndarray  # (P, max_length) int32
@@ -460,7 +464,7 @@ class Batch:
                 for k, v in self.arrays.items()}
 
 
-class ForecastDataset(Dataset):
+class ForecastDataset(SharesArrays, Dataset):
     """Rows ``index`` of the normalised table; batches are gathered with numpy in one go.
 
     A batch is a dict: ``numeric`` (B, F), ``target`` (B,) the next week's count, and
@@ -481,6 +485,15 @@ class ForecastDataset(Dataset):
         self.tokens = tokens
         self.with_rows = with_rows
         self.history = history
+
+    def share_memory(self) -> None:
+        """Move the arrays into shared memory, where they are not already (before the dataset
+        is pickled into loader workers): pass the same ``numeric``, ``product`` and ``history``
+        to several datasets already shared, and they share one copy."""
+        for name in ("index", "numeric", "target", "product"):
+            setattr(self, name, shared(getattr(self, name)))
+        if self.history is not None:
+            self.history.share_memory()
 
     def __len__(self) -> int:
         return len(self.index)
@@ -535,32 +548,3 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """``worker_init_fn`` of every loader: the workers ignore SIGTERM, SIGINT and SIGUSR2.
-
-    scancel, a time limit, preemption and ``hpcpipe cancel`` signal every process of the job,
-    the loader's workers included; torch's workers die of SIGTERM (from anyone but their parent)
-    and the rank then fails with "DataLoader worker ... is killed by signal: Terminated" before
-    it can checkpoint. Only the training process acts on a stop signal: it checkpoints at the
-    next step, then ends its workers itself. A worker still exits when its parent dies (torch
-    watches for that) and on SIGKILL, which Slurm sends after KillWait.
-    """
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-
-
-def train_loader(dataset: ForecastDataset, sampler: ResumableSampler, batch_size: int,
-                 num_workers: int, cuda: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True,
-                      num_workers=num_workers, pin_memory=cuda, collate_fn=collate_batch,
-                      persistent_workers=num_workers > 0,
-                      worker_init_fn=ignore_stop_signals if num_workers else None)
-
-
-def eval_loader(dataset: ForecastDataset, batch_size: int, num_workers: int,
-                cuda: bool) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      pin_memory=cuda, collate_fn=collate_batch,
-                      worker_init_fn=ignore_stop_signals if num_workers else None)

@@ -27,7 +27,7 @@ from hpcpipe.config import RunConfig
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path
 from hpcpipe.run.layout import RunLayout
-from hpcpipe.steps.train import checkpoint, data
+from hpcpipe.steps.train import checkpoint, data, loaders
 from hpcpipe.steps.train.evaluate import smape_optimal_count, smape_terms
 from hpcpipe.steps.train.model import (
     Forecaster,
@@ -148,7 +148,7 @@ def forecast_counts(layout: RunLayout, rows: data.Rows, model: Forecaster,
     ds = data.ForecastDataset(index, norm.transform(rows.numeric), rows.target, rows.product,
                               None if state["freeze_encoder"] else tokens, with_rows=True,
                               history=data.History.from_rows(rows))
-    loader = data.eval_loader(ds, batch_size, 0, device.type == "cuda")
+    loader = loaders.eval_loader(ds, batch_size, 0, device.type == "cuda")
     row_ids, out = predict_log(model, loader, device, autocast_dtype(device, precision))
     bad = int((~np.isfinite(out).all(axis=1)).sum()) if len(out) else 0
     if bad:

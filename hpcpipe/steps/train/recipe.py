@@ -25,7 +25,6 @@ import contextlib
 import inspect
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -46,7 +45,7 @@ from hpcpipe.files import write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.runtime.env import JobEnvironment
-from hpcpipe.steps.train import checkpoint, data, dist, evaluate, gpu_sampler, predict
+from hpcpipe.steps.train import checkpoint, data, dist, evaluate, gpu_sampler, loaders, predict
 from hpcpipe.steps.train.model import (
     Forecaster,
     autocast,
@@ -60,6 +59,7 @@ from hpcpipe.steps.train.model import (
     param_groups,
     precision_name,
 )
+from hpcpipe.steps.train.shared import shared
 from hpcpipe.steps.train.stop import (
     CheckpointMismatchError,
     DivergedError,
@@ -230,6 +230,8 @@ class TrainRecipe:
 
     def _setup_data(self) -> None:
         t, world = self.t, self.world
+        if t.num_workers:
+            loaders.worker_context()  # first: its helpers must start shielded from stop signals
         self.rows = rows = data.load_rows(self.layout)
         self.features_fingerprint = data.rows_fingerprint(rows)
         self.split = split = data.split_by_time(rows, t.val_weeks, t.train_weeks)
@@ -247,22 +249,26 @@ class TrainRecipe:
                 rows, split, self.layout.raw, synthetic=not self.cfg.data.reviews, seed=t.seed,
                 threads=max(1, torch.get_num_threads()))
 
-        numeric = self.norm.transform(rows.numeric)
+        numeric, product = self.norm.transform(rows.numeric), rows.product
         # A frozen encoder's output is looked up per product on the device: no tokens in batches.
         batch_tokens = None if t.freeze_encoder else self.tokens
         history = data.History.from_rows(rows)
-        train_ds = data.ForecastDataset(split.fit, numeric, rows.target, rows.product,
+        if t.num_workers:  # the three datasets' workers then map one copy of the tables
+            numeric, product = shared(numeric), shared(product)
+            history.share_memory()
+        train_ds = data.ForecastDataset(split.fit, numeric, rows.target, product,
                                         batch_tokens, history=history)
         val_ds, inner_ds = (data.ForecastDataset(index[world.rank::world.world_size], numeric,
-                                                 rows.target, rows.product, batch_tokens,
+                                                 rows.target, product, batch_tokens,
                                                  with_rows=True, history=history)
                             for index in (split.val, split.inner))
         cuda = self.device.type == "cuda"
         self.sampler = data.ResumableSampler(train_ds, world.world_size, world.rank, t.seed)
-        self.loader = data.train_loader(train_ds, self.sampler, t.batch_size, t.num_workers, cuda)
+        self.loader = loaders.train_loader(train_ds, self.sampler, t.batch_size, t.num_workers,
+                                          cuda)
         # Evaluation reads as many rows as an epoch's share of training: workers for it too.
-        self.val_loader = data.eval_loader(val_ds, 4 * t.batch_size, t.num_workers, cuda)
-        self.inner_loader = data.eval_loader(inner_ds, 4 * t.batch_size, t.num_workers, cuda)
+        self.val_loader = loaders.eval_loader(val_ds, 4 * t.batch_size, t.num_workers, cuda)
+        self.inner_loader = loaders.eval_loader(inner_ds, 4 * t.batch_size, t.num_workers, cuda)
         steps = len(train_ds) // world.world_size // t.batch_size // t.grad_accum
         self.steps_per_epoch = min(steps, t.max_steps_per_epoch or steps)
         if self.steps_per_epoch == 0:
@@ -451,51 +457,16 @@ class TrainRecipe:
                      "%d steps per epoch", f"{count_params(self.model, True):,}",
                      f"{count_params(self.model):,}", self.world.world_size, self.device,
                      self.global_batch, self.steps_per_epoch)
-        with self._dead_workers_reported_by_the_loop():
-            while self.epoch < self.t.epochs:
-                stop = self._train_epoch()
-                if stop is not None:
-                    self._end_loader()  # end the loader's workers now, before Slurm kills them
-                    self.save_checkpoint()
-                    return stop
-                self.evaluate()
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        while self.epoch < self.t.epochs:
+            stop = self._train_epoch()
+            if stop is not None:
+                self._end_loader()  # end the loader's workers now, before Slurm kills them
                 self.save_checkpoint()
+                return stop
+            self.evaluate()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.save_checkpoint()
         return StopReason.DONE
-
-    @contextlib.contextmanager
-    def _dead_workers_reported_by_the_loop(self) -> Iterator[None]:
-        """While training, a loader worker's exit after a stop signal does not raise at once.
-
-        torch's SIGCHLD handler raises "DataLoader worker ... is killed by signal" wherever the
-        main thread is, half-way through an optimizer step or a checkpoint write. After a stop
-        signal, a worker's death is expected (the workers ignore the signals, but one that was
-        still starting may not yet): the handler then stays quiet, and ``next()`` on the loader
-        reports the dead worker, where :meth:`_next_batch` can tell a stop from a crash.
-        """
-        previous = signal.getsignal(signal.SIGCHLD)
-
-        def on_child_exit(signum: int, frame: Any) -> None:
-            handler = self._torch_sigchld
-            if callable(handler) and not self._stopping():
-                handler(signum, frame)
-
-        self._torch_sigchld: Any = None
-        self._on_child_exit = on_child_exit
-        try:
-            yield
-        finally:
-            if signal.getsignal(signal.SIGCHLD) is on_child_exit:
-                signal.signal(signal.SIGCHLD, self._torch_sigchld or previous)
-
-    def _guard_sigchld(self) -> None:
-        """Put :meth:`_dead_workers_reported_by_the_loop`'s handler in front of torch's, which
-        the loader installs when it first starts workers."""
-        current = signal.getsignal(signal.SIGCHLD)
-        guard = getattr(self, "_on_child_exit", None)
-        if guard is not None and current is not guard:
-            self._torch_sigchld = current
-            signal.signal(signal.SIGCHLD, guard)
 
     def _stopping(self) -> bool:
         return self.signals.term or self.signals.usr2
@@ -507,7 +478,6 @@ class TrainRecipe:
         self.sampler.set_epoch(self.epoch, start=self.step_in_epoch * t.grad_accum * t.batch_size)
         self.net.train()
         self.batches = iter(self.loader)
-        self._guard_sigchld()
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch}", disable=not self.main,
                    mininterval=1.0 if sys.stderr.isatty() else 30.0)
@@ -616,7 +586,7 @@ class TrainRecipe:
             self.sampler.set_epoch(self.epoch, start=position)
             dataset = self.loader.dataset
             assert isinstance(dataset, data.ForecastDataset)
-            self.batches = iter(data.train_loader(dataset, self.sampler, t.batch_size, 0,
+            self.batches = iter(loaders.train_loader(dataset, self.sampler, t.batch_size, 0,
                                                   self.device.type == "cuda"))
             return next(self.batches)
 
