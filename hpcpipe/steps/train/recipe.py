@@ -566,9 +566,10 @@ class TrainRecipe:
             del opt.grad_scale, opt.found_inf
 
     def _next_batch(self, micro: int) -> data.Batch:
-        """The next micro-batch. A loader worker that died after a stop signal (one that was
-        still starting when the signal came) does not end the rank: the rest of the step reads
-        the same samples without workers, and the loop stops after it with a checkpoint."""
+        """The next micro-batch. A loader worker that died after a stop signal (the workers
+        block and ignore the stop signals, but Slurm may kill one all the same) does not end the
+        rank: the rest of the step reads the same samples without workers, and the loop stops
+        after it with a checkpoint."""
         try:
             return next(self.batches)
         except RuntimeError as exc:
