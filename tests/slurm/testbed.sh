@@ -359,6 +359,19 @@ wait_nodes() {
     die "nodes n1, n2 did not become idle within ${START_TIMEOUT}s"
 }
 
+cancel_leftover_jobs() {
+    # slurmctld recovers the jobs of the cluster's last life from its state folder. Jobs still
+    # there were never ended by `stop` (a test run killed half-way): their tests are gone, and
+    # a job recorded as running holds its nodes until its time limit, so every new job pends.
+    local jobs
+    jobs=$(timeout 10 squeue -h -o %i 2>/dev/null | tr '\n' ' ')
+    if [[ -n ${jobs// /} ]]; then
+        say "cancelling jobs left from an earlier run of the cluster: $jobs"
+        # shellcheck disable=SC2086
+        timeout 10 scancel $jobs 2>/dev/null || true
+    fi
+}
+
 cmd_start() {
     [[ $EUID -eq 0 ]] || die "start must run as root (try: sudo -E bash $0 start)"
     local t0=$SECONDS
@@ -381,6 +394,7 @@ cmd_start() {
     start_mysqld
     start_slurmdbd
     start_slurmctld
+    cancel_leftover_jobs
     start_slurmd
     wait_nodes
     say "cluster $CLUSTER up in $((SECONDS - t0))s: nodes n1 n2, partitions debug (default), short, urgent"
