@@ -361,9 +361,12 @@ wait_nodes() {
 
 cancel_leftover_jobs() {
     # slurmctld recovers the jobs of the cluster's last life from its state folder. Jobs still
-    # there were never ended by `stop` (a test run killed half-way): their tests are gone, and
-    # a job recorded as running holds its nodes until its time limit, so every new job pends.
+    # there when no slurmd was alive were never ended by `stop` (a test run killed half-way): their
+    # tests are gone, and a job recorded as running holds its nodes until its time limit, so every
+    # new job pends. With a slurmd alive only the controller was down (a test restarts it, another
+    # test session's jobs may be queued): its jobs are live and stay.
     local jobs
+    live_pid slurmd-n1 >/dev/null || live_pid slurmd-n2 >/dev/null && return 0
     jobs=$(timeout 10 squeue -h -o %i 2>/dev/null | tr '\n' ' ')
     if [[ -n ${jobs// /} ]]; then
         say "cancelling jobs left from an earlier run of the cluster: $jobs"
