@@ -121,7 +121,13 @@ class SlurmCluster:
         First wait until the node has finished ending the last start (no slurmstepd of the job
         left on this one-machine cluster): until then slurmd holds the job's credential revoked,
         and a start made at once is killed ("Job credential revoked", seen on 22.05: FAILED 1:0
-        in 0 s). Slurm's own delay never lets that happen."""
+        in 0 s). Slurm's own delay never lets that happen.
+
+        Then start in a later second than the requeue: slurmd also refuses a credential made in
+        the same whole second as the revocation (``cred->ctime <= j->revoked``, cred_context.c).
+        Seen on 22.05: requeued at 13:43:45.115, started again at 13:43:45.659 with no slurmstepd
+        left, "Killing non-startable batch JobId=136: Job credential revoked", FAILED 1:0."""
+        called = time.time()  # the requeue, and so its revocation, came before this call
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             steps = subprocess.run(["pgrep", "-f", rf"slurmstepd: \[{job_id}\."],
@@ -129,6 +135,7 @@ class SlurmCluster:
             if steps.returncode != 0:
                 break
             time.sleep(0.2)
+        time.sleep(max(0.0, int(called) + 1.05 - time.time()))
         _run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
 
     def cancel(self, *job_ids: str) -> None:
