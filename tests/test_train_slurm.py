@@ -8,10 +8,10 @@
   running job checkpoint and requeue itself, and the requeued job finishes the run on its own.
 * Preemption with only SIGTERM (PreemptMode=REQUEUE, no send_user_signal): the ranks checkpoint,
   the batch script requeues the job, and it finishes the run on its own.
-* A real time limit: with `train.time=1` and `train.signal_seconds=10`, Slurm's own timer sends
-  USR2 20-50 s into each start of a job that needs longer than that (slurmctld checks every 30 s
-  and warns up to 60 s early), until one start finishes the run; the result equals the
-  uninterrupted run's.
+* A real time limit: with `train.time=2` and `train.signal_seconds=10`, Slurm's own timer sends
+  USR2 80-110 s into each start of a job that needs longer than that (slurmctld checks every 30 s
+  and warns up to 30 s before `end - signal_seconds`), until one start finishes the run; the
+  result equals the uninterrupted run's.
 
 The loader runs with worker processes on (configs/local.yaml's 1; default.yaml's 4 exceed the
 test cluster's 3G per job: Slurm sums each forked worker's resident memory), so scancel's SIGTERM
@@ -268,13 +268,15 @@ def test_preemption_with_sigterm_only_checkpoints_and_the_requeued_job_completes
 
 def test_a_real_time_limit_requeues_until_done_with_the_uninterrupted_result(
         tmp_path: Path, tiny_model: Path, uninterrupted: dict[int, Path], slurm_cluster) -> None:
-    # 600 steps at >= 0.08 s each (the step-delay hook) take longer than the 50 s after which
-    # Slurm has surely sent USR2, so the first start is interrupted; each later start gets the
-    # same minute and the same warning, and makes progress until one finishes. The warning can
-    # come while the job still starts (jobs/train.py catches it before importing torch).
-    run_dir = submit(tmp_path, tiny_model, 2, 1, "--set", "train.time=1",
+    # slurmctld sends USR2 at its first 30-s check at or after `end - signal_seconds - 30`: with a
+    # 2-minute limit, 80-110 s into each start. 600 steps at >= 0.2 s each (the step-delay hook)
+    # take longer than the 110 s by which USR2 has surely come, so the first start is
+    # interrupted; each later start trains at least 80 s less its start-up, so two or three
+    # starts finish the run. (A 1-minute limit warns 20-50 s in: a start-up of 20-30 s on two busy
+    # cores left some starts no step at all, and a CI run needed 15 starts and missed the deadline.)
+    run_dir = submit(tmp_path, tiny_model, 2, 1, "--set", "train.time=2",
                      "--set", "train.signal_seconds=10",
-                     env={faulthooks.STEP_DELAY_ENV: "0.08"})
+                     env={faulthooks.STEP_DELAY_ENV: "0.2"})
     job = steps(tmp_path)["train"]["job_id"]
     deadline = time.time() + 480
     eligible, seen = 0, []
