@@ -128,16 +128,20 @@ def cell(run: Path, launches: int, scales: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     rate, alpha = family_forecast(rows, split, params, gen_of_product, launches, scales)
     seconds = time.perf_counter() - t0
-    floor_rate = evaluate.expected_weekly_counts(params, gen_of_product[rows.product[split.val]],
-                                                 rows.week[split.val] + np.timedelta64(7, "D"))
+    floor = evaluate.synthetic_floor(run / "raw", True, rows, split.val)
+    if isinstance(floor, str):
+        raise SystemExit(f"{run}: {floor}")
     smape = {
-        "roll_mean_4": evaluate.scores(np.rint(rows.roll_mean_4[split.val]), true)["smape"],
+        "roll_mean_4": evaluate.scores(evaluate.naive_forecasts(rows, split.val)["roll_mean_4"],
+                                       true)["smape"],
         "family": evaluate.scores(evaluate.smape_optimal_count(rate), true)["smape"],
         "family_nb": evaluate.scores(evaluate.smape_optimal_count(rate, alpha), true)["smape"],
-        "floor": evaluate.scores(evaluate.smape_optimal_count(floor_rate), true)["smape"],
+        "floor": evaluate.scores(floor, true)["smape"],
     }
-    best = min(smape["family"], smape["family_nb"])
-    closed = 100 * (smape["roll_mean_4"] - best) / (smape["roll_mean_4"] - smape["floor"])
+    # The forecast is the posterior mean as a Poisson count: family_nb (the predictive's
+    # overdispersion) is reported beside it, never picked on these rows.
+    closed = (100 * (smape["roll_mean_4"] - smape["family"])
+              / (smape["roll_mean_4"] - smape["floor"]))
     return {"reviews": int(request["n_reviews"]), "seed": int(request["seed"]),
             "val_rows": len(true), "grid": f"{launches}x{scales}", "smape": smape,
             "gap_closed_pct": round(closed, 1), "seconds": round(seconds, 1)}
@@ -149,7 +153,7 @@ def render(cells: list[dict[str, Any]]) -> list[str]:
     for c in cells:
         s = c["smape"]
         out.append(f"| {c['reviews']:,} | {c['seed']} | {c['val_rows']:,} | "
-                   f"{s['roll_mean_4']:.3f} | {min(s['family'], s['family_nb']):.3f} | "
+                   f"{s['roll_mean_4']:.3f} | {s['family']:.3f} | "
                    f"{s['floor']:.3f} | {c['gap_closed_pct']:.1f}% |")
     return out
 
