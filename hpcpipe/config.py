@@ -68,7 +68,10 @@ class DataConfig:
 @dataclass
 class IngestConfig:
     cpus: int = 2
-    #: Memory for the job (``--mem``); or ``mem_per_cpu`` (``--mem-per-cpu``), not both.
+    #: Nodes: above 1 the job runs under srun on SLURMRunner like features (several input files
+    #: are read on every node); ``cpus`` is the total, split evenly over the nodes.
+    nodes: int = 1
+    #: Memory per node (``--mem``); or ``mem_per_cpu`` (``--mem-per-cpu``), not both.
     mem: str | None = None
     mem_per_cpu: str | None = None
     time: str = "01:00:00"
@@ -543,6 +546,7 @@ def validate(cfg: RunConfig) -> None:
                 f"{step}.{given[0]} and {step}.{given[1]} are both set; they exclude each other "
                 f"(sbatch takes one memory request): keep one, e.g. --set {step}.{given[1]}=null")
     _positive(cfg.ingest.cpus, "ingest.cpus")
+    _positive(cfg.ingest.nodes, "ingest.nodes")
     _positive(cfg.ingest.target_bucket_rows, "ingest.target_bucket_rows")
     _not_negative(cfg.ingest.future_tolerance_days, "ingest.future_tolerance_days")
     _positive(cfg.features.cpus, "features.cpus")

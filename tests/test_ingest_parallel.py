@@ -185,40 +185,36 @@ def test_rows_numbered_per_part_keep_the_first_in_input_order(tmp_path, monkeypa
 
 @pytest.mark.slurm
 def test_ingest_on_two_nodes_uses_both_and_matches_one_node(slurm_cluster, tmp_path):
-    """The ingest job on 2 nodes x 3 tasks under srun: the SLURMRunner's scheduler and client
-    take n1's first two tasks, its third and n2's tasks are workers; parts and buckets run on both
-    nodes (the log names them) and the output is that of one process."""
+    """``hpcpipe submit --steps ingest`` with ingest.nodes=2 and 6 CPUs: the job asks for 2 nodes
+    x 3 tasks and starts them under srun; the SLURMRunner's scheduler and client take n1's first
+    two tasks, its third and n2's tasks are workers; parts and buckets run on both nodes (the log
+    names them) and the output is that of one process."""
+    import json
     import subprocess
 
-    import yaml
-
-    from hpcpipe.config import RunConfig
-    from hpcpipe.run.layout import RunLayout
+    from hpcli import hp, steps
 
     made = write_synthetic(tmp_path / "raw", 30_000, seed=3, files=6, sizes="realistic")
-    config = RunConfig()
-    config.data.reviews = made["reviews_files"]
-    config.data.metadata = made["metadata"]
-    config.ingest.target_bucket_rows = 3_000
-    layout = RunLayout(tmp_path / "run")
-    layout.root.mkdir(parents=True)
-    layout.config.write_text(yaml.safe_dump(config.to_dict()))
-    out = tmp_path / "job.out"
-    cmd = (f"srun --kill-on-bad-exit=1 --label --cpus-per-task=$SLURM_CPUS_PER_TASK "
-           f"{sys.executable} -m hpcpipe.jobs.ingest --run-dir {layout.root}")
-    repo = Path(__file__).resolve().parents[1]
-    job = slurm_cluster.sbatch("--nodes=2", "--ntasks-per-node=3", "--cpus-per-task=1",
-                               "--time=5", f"--output={out}", "--wrap", cmd, cwd=repo)
+    hp(tmp_path, "submit", "--steps", "ingest", "--name", "two",
+       "--set", f"data.reviews=[{','.join(made['reviews_files'])}]",
+       "--set", f"data.metadata={made['metadata']}", "--set", "ingest.target_bucket_rows=3000",
+       "--set", "ingest.cpus=6", "--set", "ingest.nodes=2", "--set", "ingest.mem=4G",
+       "--set", "ingest.time=5")
+    run = next((tmp_path / "runs").iterdir())
+    script = (run / "sbatch" / "ingest.sbatch").read_text()
+    assert "#SBATCH --nodes=2" in script and "#SBATCH --ntasks-per-node=3" in script, script
+    job = json.loads((run / "state.json").read_text())["steps"]["ingest"]["jobs"][0]["job_id"]
     state = slurm_cluster.wait_state(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
                                      timeout=240)
-    log = out.read_text() if out.exists() else ""
+    out = Path(steps(tmp_path)["ingest"]["log"])
+    log = out.read_text()
     assert state == "COMPLETED", log
     assert "2 nodes x" in log and "client on rank 1" in log and "on 3 Dask workers" in log, log
     assert " on n1" in log and " on n2" in log, log  # parts or buckets ran on both nodes
     one = tmp_path / "one-node"
     ingest([Path(p) for p in made["reviews_files"]], made["metadata"], one,
            IngestConfig(target_bucket_rows=3_000))
-    _same(_output(layout.ingest), _output(one))
+    _same(_output(run / "ingest"), _output(one))
     assert subprocess.run(["grep", "-c", "part 6/6", str(out)], capture_output=True,
                           text=True).stdout.strip() == "1"
 

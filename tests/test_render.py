@@ -39,18 +39,32 @@ def test_train_script_asks_for_ddp_layout_signal_and_requeue(tmp_path: Path) -> 
     assert f'--output="{tmp_path}/logs/run-1/train-%j.out"' in text
 
 
-@pytest.mark.parametrize(("overrides", "tasks", "cpus"), [
-    (["features.cpus=64", "features.nodes=2"], 32, 1),
-    (["features.cpus=64", "features.nodes=2", "features.threads_per_worker=4"], 8, 4),
-    (["features.cpus=4", "features.nodes=2"], 2, 1),
-    (["features.cpus=2", "features.nodes=2"], 2, 1),
-    (["features.cpus=32"], 1, 32),
+@pytest.mark.parametrize("step", ["ingest", "features"])
+@pytest.mark.parametrize(("overrides", "nodes", "tasks", "cpus"), [
+    (["cpus=64", "nodes=2"], 2, 32, 1),
+    (["cpus=4", "nodes=2"], 2, 2, 1),
+    (["cpus=2", "nodes=2"], 2, 2, 1),
+    (["cpus=9", "nodes=3"], 3, 3, 1),
+    (["cpus=32"], 1, 1, 32),
 ])
-def test_features_asks_for_a_task_per_dask_process_on_several_nodes(
-        tmp_path: Path, overrides: list[str], tasks: int, cpus: int) -> None:
-    lines = _render(tmp_path, "features", overrides).splitlines()
+def test_dask_steps_ask_for_a_task_per_dask_process_on_several_nodes(
+        tmp_path: Path, step: str, overrides: list[str], nodes: int, tasks: int,
+        cpus: int) -> None:
+    """Ingest and features render alike: on one node one task of all the CPUs (a LocalCluster);
+    on several, a task per Dask process started by srun (SLURMRunner)."""
+    text = _render(tmp_path, step, [f"{step}.{o}" for o in overrides])
+    lines = text.splitlines()
+    assert f"#SBATCH --nodes={nodes}" in lines
     assert f"#SBATCH --ntasks-per-node={tasks}" in lines
     assert f"#SBATCH --cpus-per-task={cpus}" in lines
+    body = text.split("set -eo pipefail", 1)[1]
+    assert ("srun --kill-on-bad-exit=1" in body) == (nodes > 1), body
+
+
+def test_features_workers_of_several_threads_get_a_task_each(tmp_path: Path) -> None:
+    lines = _render(tmp_path, "features", ["features.cpus=64", "features.nodes=2",
+                                           "features.threads_per_worker=4"]).splitlines()
+    assert "#SBATCH --ntasks-per-node=8" in lines and "#SBATCH --cpus-per-task=4" in lines
 
 
 def test_local_scripts_start_the_step_without_srun(tmp_path: Path) -> None:

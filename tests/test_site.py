@@ -157,6 +157,24 @@ def test_check_refuses_more_nodes_than_maxnodes(monkeypatch: pytest.MonkeyPatch)
         SlurmBackend().check(load_config(None, ["train.gpus=4", "train.gpus_per_node=2"]))
 
 
+@pytest.mark.parametrize("step", ["ingest", "features"])
+def test_check_refuses_a_dask_step_on_more_nodes_or_cpus_than_the_partition_has(
+        monkeypatch: pytest.MonkeyPatch, step: str) -> None:
+    """Both Dask steps need ``nodes`` nodes of ceil(cpus / nodes) CPUs: the recorded cluster
+    has two nodes of 32."""
+    cpus = "--cpus" if step == "features" else "ingest.cpus"
+    with pytest.raises(ConfigError, match=rf"^{step} asks for 8 CPUs on 3 node\(s\) \(3 per "
+                                          rf"node\) but partition 'debug' has 2 node\(s\) with "
+                                          rf"that many CPUs \(largest: 32\); lower {step}.nodes "
+                                          rf"or {cpus}$"):
+        _check(monkeypatch, [f"{step}.cpus=8", f"{step}.nodes=3", f"{step}.mem=1G"])
+    with pytest.raises(ConfigError, match=rf"asks for 66 CPUs on 2 node\(s\) \(33 per node\) "
+                                          rf".* has 0 node\(s\) .*; lower {cpus} or raise "
+                                          rf"{step}.nodes$"):
+        _check(monkeypatch, [f"{step}.cpus=66", f"{step}.nodes=2", f"{step}.mem=1G"])
+    _check(monkeypatch, [f"{step}.cpus=64", f"{step}.nodes=2", f"{step}.mem=1G"])
+
+
 def test_check_refuses_per_unit_memory_no_node_has(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ConfigError, match=r"features.mem_per_cpu=4G x 32 CPUs is more memory "
                                           r"than any node .* --set features.mem_per_cpu=2000M"):

@@ -44,25 +44,34 @@ def resources(cfg: RunConfig, step: str) -> StepResources:
     """The allocation a step asks for, from its config section."""
     if step == "ingest":
         i = cfg.ingest
-        return StepResources(1, 1, i.cpus, i.time, i.mem, mem_per_cpu=i.mem_per_cpu)
+        # Ingest's Dask workers have one thread each (runtime: steps.ingest._ClusterOfOne).
+        return _dask_resources(i.cpus, i.nodes, 1, i.time, i.mem, i.mem_per_cpu)
     if step == "features":
         c = cfg.features
-        if c.nodes == 1:
-            return StepResources(1, 1, c.cpus, c.time, c.mem, mem_per_cpu=c.mem_per_cpu)
-        # SLURMRunner: one Dask process per task; rank 0 is the scheduler, rank 1 the client,
-        # the others workers of threads_per_worker threads each. So a task per worker: the
-        # scheduler and client then hold 2 tasks' CPUs, not half of the first node.
-        per_node = -(-c.cpus // c.nodes)
-        threads = min(c.threads_per_worker, per_node)
-        tasks = max(2, per_node // threads)
-        return StepResources(c.nodes, tasks, max(1, per_node // tasks), c.time, c.mem,
-                             mem_per_cpu=c.mem_per_cpu)
+        return _dask_resources(c.cpus, c.nodes, c.threads_per_worker, c.time, c.mem,
+                               c.mem_per_cpu)
     if step == "train":
         t = cfg.train
         nodes, per_node = train_nodes(t)
         return StepResources(nodes, per_node, t.cpus_per_gpu, t.time, t.mem, per_node,
                              mem_per_gpu=t.mem_per_gpu)
     raise ValueError(step)
+
+
+def _dask_resources(cpus: int, nodes: int, threads_per_worker: int, time: str,
+                    mem: str | None, mem_per_cpu: str | None) -> StepResources:
+    """A Dask step's allocation (ingest, features). One node: one task of all the CPUs, which
+    runs a LocalCluster. Several: SLURMRunner, one Dask process per task; rank 0 is the
+    scheduler, rank 1 the client, the others workers of ``threads_per_worker`` threads each. So
+    a task per worker: the scheduler and client then hold 2 tasks' CPUs, not half of the first
+    node."""
+    if nodes == 1:
+        return StepResources(1, 1, cpus, time, mem, mem_per_cpu=mem_per_cpu)
+    per_node = -(-cpus // nodes)
+    threads = min(threads_per_worker, per_node)
+    tasks = max(2, per_node // threads)
+    return StepResources(nodes, tasks, max(1, per_node // tasks), time, mem,
+                         mem_per_cpu=mem_per_cpu)
 
 
 def _sbatch_word(value: str, key: str) -> str:

@@ -70,23 +70,9 @@ class SlurmBackend(Backend):
             known = sorted({p for n in nodes for p in n.partitions})
             raise ConfigError(f"partition '{part}' does not exist on this cluster; "
                               f"known partitions: {', '.join(known)}")
-        if "ingest" in cfg.steps:
-            fit = [n for n in in_part if n.cpus >= cfg.ingest.cpus]
-            if not fit:
-                raise ConfigError(
-                    f"ingest asks for {cfg.ingest.cpus} CPUs on one node but partition '{part}' "
-                    f"has no node with that many (largest: {max(n.cpus for n in in_part)}); "
-                    "lower ingest.cpus")
-        if "features" in cfg.steps:
-            f = cfg.features
-            per_node = -(-f.cpus // f.nodes)
-            fit = [n for n in in_part if n.cpus >= per_node]
-            if len(fit) < f.nodes:
-                raise ConfigError(
-                    f"features asks for {f.cpus} CPUs on {f.nodes} node(s) ({per_node} per node) "
-                    f"but partition '{part}' has {len(fit)} node(s) with that many CPUs "
-                    f"(largest: {max(n.cpus for n in in_part)}); lower --cpus or raise "
-                    "features.nodes")
+        for step in ("ingest", "features"):
+            if step in cfg.steps:
+                _check_dask_nodes(cfg, step, in_part, part)
         if "train" in cfg.steps:
             t = cfg.train
             n_nodes, per_node = train_nodes(t)
@@ -109,6 +95,23 @@ class SlurmBackend(Backend):
                     _check_partition_limits(cfg, step, limits)
 
 
+def _check_dask_nodes(cfg: RunConfig, step: str, in_part: list[scheduler.NodeInfo],
+                      part: str) -> None:
+    """A Dask step (ingest, features) needs ``nodes`` nodes of ``ceil(cpus / nodes)`` CPUs."""
+    nodes, per_node, _ = step_nodes(cfg, step)
+    fit = [n for n in in_part if n.cpus >= per_node]
+    if len(fit) >= nodes:
+        return
+    largest = max(n.cpus for n in in_part)
+    cpus_key = "--cpus" if step == "features" else "ingest.cpus"
+    fix = (f"lower {cpus_key} or raise {step}.nodes" if not fit
+           else f"lower {step}.nodes or {cpus_key}")
+    raise ConfigError(
+        f"{step} asks for {getattr(cfg, step).cpus} CPUs on {nodes} node(s) ({per_node} per "
+        f"node) but partition '{part}' has {len(fit)} node(s) with that many CPUs (largest: "
+        f"{largest}); {fix}")
+
+
 def _mem_mb(text: str) -> int:
     """An ``--mem`` value (checked by the config: digits and an optional K/M/G/T) in MB, the unit
     sinfo reports node memory in and sbatch assumes without a suffix."""
@@ -119,11 +122,9 @@ def _mem_mb(text: str) -> int:
 
 def step_nodes(cfg: RunConfig, step: str) -> tuple[int, int, int]:
     """(nodes, CPUs per node, GPUs per node) that ``step`` asks for."""
-    if step == "ingest":
-        return 1, cfg.ingest.cpus, 0
-    if step == "features":
-        f = cfg.features
-        return f.nodes, -(-f.cpus // f.nodes), 0
+    if step in ("ingest", "features"):
+        d = cfg.ingest if step == "ingest" else cfg.features
+        return d.nodes, -(-d.cpus // d.nodes), 0
     n, per_node = train_nodes(cfg.train)
     return n, per_node * cfg.train.cpus_per_gpu, per_node
 
