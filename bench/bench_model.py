@@ -12,7 +12,9 @@ validation rows (every forecast a whole count, the same rows for all): the model
 chosen on the inner weeks, the strongest LightGBM with the paired bootstrap interval of the
 model's SMAPE minus LightGBM's (1000 resamples of the rows, 95%), the strongest naive baseline,
 rounded roll_mean_4, the floor (the generator's expected counts), the share of the gap from
-rounded roll_mean_4 to the floor the model closes, and the run's wall time. The target (issue 13):
+rounded roll_mean_4 to the floor the model closes with its paired bootstrap interval (the same
+resampling; on the 200k sample's 4,032 rows it spans 30 points: 45.5-75.1% around 60.9% on seed
+0), and the run's wall time. The target (issue 13):
 at least 75% of the gap closed in every cell, and LightGBM beaten by more than its interval (the
 interval's upper end below 0). The last line is the table as JSON.
 """
@@ -81,6 +83,7 @@ def cell(run: Path, seconds: float | None) -> dict[str, Any]:
         "naive": naive, "naive_smape": base[naive]["smape"],
         "roll_mean_4": base["roll_mean_4"]["smape"],
         "floor": (s.get("floor") or {}).get("smape"), "gap_closed_pct": s.get("gap_closed_pct"),
+        "gap_ci95": [(s.get("gap_closed_interval") or {}).get(k) for k in ("low", "high")],
         "beats_lightgbm_beyond_ci": versus.get("high") is not None and versus["high"] < 0,
         "seconds": None if seconds is None else round(seconds),
     }
@@ -89,17 +92,20 @@ def cell(run: Path, seconds: float | None) -> dict[str, Any]:
 def render(cells: list[dict[str, Any]]) -> list[str]:
     out = [f"{'size':>8s} {'seed':>4s} {'rows':>6s} {'model':>7s} {'LightGBM':>8s} "
            f"{'model-LGB [95% CI]':>26s} {'naive':>7s} {'roll4':>7s} {'floor':>7s} "
-           f"{'gap':>6s} {'wall':>6s}  target"]
+           f"{'gap [95% CI]':>20s} {'wall':>6s}  target"]
     for c in cells:
         gap = c["gap_closed_pct"]
         lo, hi = c["ci95"]
         ci = ("-" if c["model_minus_lightgbm"] is None else
               f"{c['model_minus_lightgbm']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        glo, ghi = c.get("gap_ci95") or [None, None]
+        gap_text = ("-" if gap is None else f"{gap:5.1f}%" + (
+            "" if glo is None else f" [{glo:.1f}, {ghi:.1f}]"))
         ok = gap is not None and gap >= TARGET_GAP_PCT and c["beats_lightgbm_beyond_ci"]
         out.append(f"{c['size'] or 0:8d} {c['seed'] or 0:4d} {c['rows']:6d} {c['model']:7.4f} "
                    f"{c['lightgbm_smape']:8.4f} {ci:>26s} {c['naive_smape']:7.4f} "
                    f"{c['roll_mean_4']:7.4f} {c['floor'] or float('nan'):7.4f} "
-                   f"{'-' if gap is None else f'{gap:5.1f}%'} "
+                   f"{gap_text:>20s} "
                    f"{'-' if c['seconds'] is None else str(c['seconds']) + 's':>6s}  "
                    f"{'met' if ok else 'NOT met'}")
     return out

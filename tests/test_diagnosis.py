@@ -209,13 +209,15 @@ def test_a_model_that_beats_the_naive_baselines_but_not_lightgbm_is_said_to_lose
                  strongest_baseline="roll_mean_4", improvement_pct=5.8, model=_scores(0.65),
                  baselines={"same_week": _scores(1.0), "roll_mean_4": _scores(0.69),
                             "lightgbm": _scores(0.66), "lightgbm_poisson": _scores(0.62)},
-                 floor=_scores(0.57), gap_closed_pct=33.3, eval_notes=[])
+                 floor=_scores(0.57), gap_closed_pct=33.3,
+                 gap_closed_interval={"pct": 33.3, "low": 21.04, "high": 44.9, "level": 0.95,
+                                      "resamples": 1000}, eval_notes=[])
     report = build_report(run)
     training = report.split("## Training", 1)[1].strip().splitlines()
     assert training[0].startswith("**The model loses to LightGBM (Poisson"), training[0]
     assert "0.65 vs 0.62" in training[0] and "% better" not in report.split("## Diagnosis")[0]
     assert "| floor: generator's expected count | 0.57 |" in report
-    assert "the model closes 33.3%" in report
+    assert "the model closes 33.3% (95% paired bootstrap interval 21.04-44.9%)" in report
     first = diagnose(run)[0]
     assert first.step == "train" and "does not beat LightGBM (Poisson" in first.problem
     assert "Nothing went wrong" not in report

@@ -65,6 +65,31 @@ def test_bootstrap_interval_of_a_paired_difference() -> None:
     assert same["diff"] == same["low"] == same["high"] == 0.0
 
 
+def test_gap_closed_interval_holds_the_share_and_narrows_with_more_rows() -> None:
+    """The share of the gap closed, with its paired bootstrap interval: the same share as
+    gap_closed_pct on the whole rows, inside an interval that shrinks like 1/sqrt(rows)."""
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (2_000, 32_000):
+        rate = rng.gamma(1.5, 2.0, n)
+        true = rng.poisson(rate).astype(float)
+        floor = evaluate.smape_optimal_count(rate)
+        ref = np.rint(rate * rng.uniform(0.2, 1.8, n))
+        model = np.where(rng.random(n) < 0.6, floor, ref)  # ~60% of the way
+        table = {"baselines": {evaluate.GAP_FROM: evaluate.scores(ref, true)},
+                 "floor": evaluate.scores(floor, true),
+                 "forecasts": {evaluate.GAP_FROM: ref, "floor": floor}}
+        got = evaluate.gap_closed_interval(model, table, true)
+        assert got is not None
+        point = evaluate.gap_closed_pct(evaluate.scores(model, true)["smape"], table)
+        assert got["pct"] == pytest.approx(point)
+        assert got["low"] < got["pct"] < got["high"] and 40 < got["pct"] < 80, got
+        widths.append(got["high"] - got["low"])
+    assert widths[1] < widths[0] / 2.5, widths  # 16x the rows: about a quarter of the width
+    table["forecasts"].pop("floor")
+    assert evaluate.gap_closed_interval(model, table, true) is None
+
+
 def test_scores_split_zero_and_nonzero_targets() -> None:
     s = evaluate.scores(np.array([0.0, 1.0, 2.0, 0.0]), np.array([0.0, 0.0, 2.0, 3.0]))
     assert s["smape"] == pytest.approx((0 + 2 + 0 + 2) / 4)

@@ -262,6 +262,7 @@ def test_train_writes_metrics_checkpoints_and_predictions(dataset: Path, tiny_mo
     assert eval_rec["baseline_roll4_smape"] == pytest.approx(
         predict.smape(np.rint(rows.roll_mean_4[split.val]), rows.target[split.val]))
     assert summary["floor"] is None and any("not synthetic" in n for n in summary["eval_notes"])
+    assert "gap_closed_interval" in summary and summary["gap_closed_interval"] is None
     assert summary["strongest_baseline"] in base and summary["improvement_pct"] == \
         pytest.approx(100 * (1 - summary["best_val_smape"] / summary["best_baseline_smape"]))
     assert Path(summary["checkpoint"]).is_file() and checkpoint.last_path(layout.train).is_file()

@@ -615,8 +615,11 @@ def _scores_table(summ: dict[str, Any]) -> list[str]:
     lines.append("")
     gap = summ.get("gap_closed_pct")
     if isinstance(gap, (int, float)):
+        ci = summ.get("gap_closed_interval")
+        noise = (f" (95% paired bootstrap interval {_fmt(ci.get('low'))}-"
+                 f"{_fmt(ci.get('high'))}%)" if isinstance(ci, dict) else "")
         lines.append(f"Of the gap from rounded roll_mean_4 to the floor, the model closes "
-                     f"{_fmt(float(gap))}%.")
+                     f"{_fmt(float(gap))}%{noise}.")
     every = str(summ.get("strongest_any"))
     versus = (summ.get("versus_baselines") or {}).get(every)
     if isinstance(versus, dict):

@@ -699,8 +699,8 @@ class TrainRecipe:
             every, every_smape = evaluate.strongest(table["baselines"])
             _, counts = predict.forecast_counts(self.layout, self.rows, best_model, best_state,
                                                 self.device, self.t.precision, self.split.val)
-            versus = evaluate.versus_baselines(counts, table, self.rows.target[self.split.val],
-                                               seed=self.t.seed)
+            true = self.rows.target[self.split.val]
+            versus = evaluate.versus_baselines(counts, table, true, seed=self.t.seed)
             self.summary = self.metrics.write(
                 "summary", best_epoch=self.best["epoch"], epoch_chosen_on="inner weeks",
                 inner_weeks=self.split.inner_weeks, inner_start=str(self.split.inner_start),
@@ -711,6 +711,8 @@ class TrainRecipe:
                 improvement_vs_any_pct=evaluate.improvement_pct(val["smape"], every_smape),
                 model=val, baselines=table["baselines"], floor=table["floor"],
                 gap_closed_pct=evaluate.gap_closed_pct(val["smape"], table),
+                gap_closed_interval=evaluate.gap_closed_interval(counts, table, true,
+                                                                 seed=self.t.seed),
                 versus_baselines=versus,
                 eval_notes=table["notes"], eval_seconds=table["seconds"],
                 checkpoint=str(checkpoint.best_path(self.layout.train)),
