@@ -16,10 +16,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from hpcpipe.config import IngestConfig
+from hpcpipe.errors import InputError
 from hpcpipe.steps import ingest as ingest_module
 from hpcpipe.steps.ingest import ingest
 from hpcpipe.steps.ingest import parts as parts_module
-from hpcpipe.steps.ingest.parts import plan_parts
+from hpcpipe.steps.ingest.parts import plan_parts, planned_parts
 from hpcpipe.steps.synth import write_synthetic
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -92,6 +93,130 @@ def test_files_split_where_their_format_allows(inputs, monkeypatch):
                 f.seek(p.stop - 1)
                 assert f.read(1) == b"\n"
     assert [p.index for p in parts] == list(range(len(parts)))
+
+
+@pytest.fixture(scope="module")
+def one_gz(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
+    """One realistic gzipped file (~5 MB of JSON lines) with bad lines spread through it."""
+    import gzip
+
+    raw = tmp_path_factory.mktemp("gz")
+    made = write_synthetic(raw / "src", 12_000, seed=5, fmt="jsonl", sizes="realistic")
+    lines = Path(made["reviews_files"][0]).read_bytes().splitlines(keepends=True)
+    for at in (11_000, 6_000, 2_500, 700):  # from the end, so the positions hold
+        lines[at:at] = [b'{"rating": 5.0, "parent_asin": \n', b"not json\n"]
+    lines[9_000:9_000] = lines[100:140]  # duplicates, far from their first copies
+    path = raw / "reviews.jsonl.gz"
+    with gzip.open(path, "wb", compresslevel=6) as f:
+        f.write(b"".join(lines))
+    return [path], Path(made["metadata"])
+
+
+def test_a_gzipped_file_alone_is_split_on_its_index_with_the_output_of_one_reader(
+        one_gz, tmp_path, monkeypatch, caplog):
+    """Workers to spare (2 per file here): the .gz file is indexed with rapidgzip and read as
+    several parts (uncompressed byte ranges at line starts), giving the output of one process
+    reading it whole, quarantine line numbers included; a rerun with one worker keeps that plan
+    and reads no part again."""
+    from distributed import Client, LocalCluster
+
+    _small_parts(monkeypatch)
+    monkeypatch.setattr(parts_module, "GZ_SPLIT_WORKERS_PER_FILE", 2)
+    whole = tmp_path / "whole"
+    ingest(*one_gz, whole, IngestConfig(target_bucket_rows=3_000))
+    out = tmp_path / "out"
+    real_merge = ingest_module.merge_quarantine
+
+    def killed(*args):  # in this process, once every part is read
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ingest_module, "merge_quarantine", killed)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client, \
+            caplog.at_level(logging.INFO, logger="hpcpipe"), pytest.raises(KeyboardInterrupt):
+        ingest(*one_gz, out, IngestConfig(target_bucket_rows=3_000), client=client)
+    plan = json.loads(next(out.glob(".work-*/parts.json")).read_text())["parts"]
+    assert len(plan) >= 10 and all(p["gz_index"] for p in plan), plan
+    assert plan[0]["start"] == 0 and plan[-1]["stop"] == -1
+    assert all(a["stop"] == b["start"] for a, b in zip(plan[:-1], plan[1:], strict=True))
+    assert "reviews.jsonl.gz bytes 0-" in caplog.text
+    monkeypatch.setattr(ingest_module, "merge_quarantine", real_merge)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        ingest(*one_gz, out, IngestConfig(target_bucket_rows=3_000))  # one worker now
+    assert caplog.text.count("already read, skipped") == len(plan)
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["quarantined"] == 8 and m["duplicates"] == 40
+    quarantined = [json.loads(x)["line"] for x in (out / "quarantine.jsonl").read_text()
+                   .splitlines()]
+    assert quarantined == [701, 702, 2503, 2504, 6005, 6006, 11047, 11048]
+    _same(_output(out), _output(whole))
+
+
+def test_gzipped_files_are_split_only_with_workers_to_spare_and_only_when_large(
+        one_gz, inputs, tmp_path, monkeypatch):
+    """The rule, not its timing: at least GZ_SPLIT_WORKERS_PER_FILE (4) workers per file, and
+    a file of at least a quarter of a part compressed; uncompressed and parquet files split as
+    before."""
+    _small_parts(monkeypatch)
+    gz = one_gz[0]
+    assert len(planned_parts(tmp_path / "a", gz, 3, 1)) == 1
+    assert not (tmp_path / "a" / "gzindex").exists()
+    assert len(planned_parts(tmp_path / "b", gz, 4, 1)) > 10
+    assert len(planned_parts(tmp_path / "c", gz + gz, 7, 1)) == 2
+    monkeypatch.setattr(parts_module, "PART_BYTES", 4 * gz[0].stat().st_size + 4)
+    assert len(planned_parts(tmp_path / "d", gz, 4, 1)) == 1  # too small to index
+    assert not list((tmp_path / "d").glob("gzindex/*"))
+    mixed = planned_parts(tmp_path / "e", inputs[0], 1, 1)
+    assert [p.gz_index for p in mixed] == [None] * len(mixed)
+    assert mixed == plan_parts(inputs[0])
+
+
+@pytest.mark.parametrize("damage", ["cut in half", "bytes overwritten", "trailer CRC",
+                                    "zero padding"])
+def test_a_gzipped_file_rapidgzip_cannot_index_is_read_whole_and_judged_as_before(
+        one_gz, tmp_path, monkeypatch, caplog, damage):
+    """Where the index pass fails the file is not split: the reader of whole files decides, as
+    without splitting (a damaged file is refused naming it; ISA-L reads a zero-padded one)."""
+    _small_parts(monkeypatch)
+    data = one_gz[0][0].read_bytes()
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_bytes({"cut in half": data[: len(data) // 2],
+                     "bytes overwritten": data[:600_000] + b"x" * 200 + data[600_200:],
+                     "trailer CRC": data[:-8] + bytes([data[-8] ^ 0xFF]) + data[-7:],
+                     "zero padding": data + bytes(512)}[damage])
+    with caplog.at_level(logging.WARNING, logger="hpcpipe"):
+        parts = planned_parts(tmp_path / "work", [bad], 4, 1)
+    assert len(parts) == 1 and parts[0].gz_index is None, parts
+    assert "bad.jsonl.gz is read whole, not split" in caplog.text
+    out = tmp_path / "out"
+    if damage == "zero padding":
+        m = ingest([bad], one_gz[1], out, IngestConfig(target_bucket_rows=3_000))
+        assert m["rows_out"] == 12_000
+        return
+    with pytest.raises(InputError, match=r"bad\.jsonl\.gz is truncated or corrupt.*fetch it "
+                                         "again"):
+        ingest([bad], one_gz[1], out, IngestConfig(target_bucket_rows=3_000))
+
+
+def test_a_truncated_gzipped_file_alone_on_a_cluster_is_refused_naming_it(one_gz, tmp_path,
+                                                                           monkeypatch):
+    """Split planning on: the index pass finds it cut short, the worker reading it whole
+    refuses it with the message of any truncated file."""
+    from distributed import Client, LocalCluster
+
+    _small_parts(monkeypatch)
+    monkeypatch.setattr(parts_module, "GZ_SPLIT_WORKERS_PER_FILE", 2)
+
+    cut = tmp_path / "cut.jsonl.gz"
+    data = one_gz[0][0].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=":0") as cluster, Client(cluster) as client:
+        with pytest.raises(InputError, match=r"cut\.jsonl\.gz is truncated or corrupt.*fetch it "
+                                             "again"):
+            ingest([cut], one_gz[1], tmp_path / "out", IngestConfig(), client=client)
+    assert not (tmp_path / "out" / "manifest.json").exists()
 
 
 def test_parts_on_a_dask_cluster_give_the_output_of_one_part_per_file(inputs, one_part_each,

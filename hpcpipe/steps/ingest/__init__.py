@@ -49,6 +49,7 @@ from hpcpipe.files import atomic_path, temp_name, write_json
 from hpcpipe.run.layout import RunLayout
 from hpcpipe.run.metrics import MetricsWriter
 from hpcpipe.run.provenance import fingerprint
+from hpcpipe.runtime.dask_cluster import usable_cpus
 from hpcpipe.runtime.env import JobEnvironment
 from hpcpipe.runtime.memory import release_memory
 from hpcpipe.steps.done import already_done
@@ -66,7 +67,7 @@ from hpcpipe.steps.ingest.parts import (
     finish_bucket,
     first_products,
     merge_quarantine,
-    plan_parts,
+    planned_parts,
     read_part,
     regroup_part,
 )
@@ -170,8 +171,8 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
     work.mkdir(exist_ok=True)
 
     n_guess = _guess_buckets(reviews, cfg)
-    parts = plan_parts(reviews)
     tasks = _Tasks(client)
+    parts = planned_parts(work, reviews, tasks.workers(), usable_cpus())
     log.info("%d part(s) of %d file(s) on %s", len(parts), len(reviews), tasks.describe())
     # On a cluster the parts start now; the metadata is read here meanwhile, and checked against
     # the first reviews at once: metadata of another category fails in seconds, not after the
@@ -231,10 +232,15 @@ class _Tasks:
         self.tag = uuid.uuid4().hex[:8]
         self.futures: list[Any] = []
 
+    def workers(self) -> int:
+        if self.client is None:
+            return 1
+        return len(self.client.scheduler_info(n_workers=-1)["workers"])
+
     def describe(self) -> str:
         if self.client is None:
             return "this process"
-        n = len(self.client.scheduler_info(n_workers=-1)["workers"])
+        n = self.workers()
         return f"{n} Dask worker{'s' if n != 1 else ''}"
 
     def run(self, what: str, fn: Callable[..., Any], calls: list[tuple[Any, ...]],

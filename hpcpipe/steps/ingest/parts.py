@@ -1,8 +1,13 @@
 """The ingest's units of parallel work, each a plain function a Dask worker runs.
 
 1. :func:`plan_parts`: the input cut into parts, in input order: every file at least one part; a
-   parquet file split at row groups, an uncompressed JSON lines file at line starts (a gzip
-   stream cannot be entered in the middle, so a ``.gz`` file is one part: give several files).
+   parquet file split at row groups, an uncompressed JSON lines file at line starts. A gzip
+   stream cannot be entered in the middle without an index of its deflate blocks, so a ``.gz``
+   file is one part, unless there are at least :data:`GZ_SPLIT_WORKERS_PER_FILE` workers per
+   file: then each large one is read through once with rapidgzip (all the client's CPUs), its
+   index kept in the step's work folder, and it is split at line starts of the uncompressed
+   stream like an uncompressed file. The plan is kept there too (``parts.json``): a rerun on
+   another allocation reuses the parts it finished.
 2. :func:`read_part`: one part read, checked and spilled to hash buckets in the part's own folder,
    with its own quarantine file and counts; ``done.json``, written last, makes a finished part
    skipped when the step runs again after a kill.
@@ -20,6 +25,7 @@ are renumbered by the lines of the parts before it when they are merged.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
@@ -33,6 +39,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path, read_json, write_json
 from hpcpipe.runtime.memory import release_memory
 from hpcpipe.steps.ingest.buckets import (
@@ -48,6 +55,9 @@ from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind
 from hpcpipe.steps.ingest.reading import (
     READ_SCHEMA,
     READ_SCHEMA_NO_TITLE,
+    build_gz_index,
+    gz_line_starts,
+    line_starts,
     read_reviews,
 )
 from hpcpipe.steps.ingest.validation import Quarantine, validate
@@ -57,7 +67,14 @@ from hpcpipe.steps.ingest.validation import Quarantine, validate
 PART_BYTES = 512 << 20
 PART_ROWS = 4 << 20
 ROW_SHIFT = 40  # a part's rows are numbered below 2**40
+#: Split gzipped files only with this many workers per file or more. The index costs a whole
+#: decompression before any part starts, and rapidgzip inflates a part at ~0.6x ISA-L's speed:
+#: on 2 workers one 296 MB file took 12.0 s split against 8.1 s whole (bench/bench_gz_split.py),
+#: while with many idle workers the parse, three quarters of ingest's CPU, is what gets shared.
+GZ_SPLIT_WORKERS_PER_FILE = 4
 DONE = "done.json"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,6 +88,7 @@ class Part:
     stop: int = -1
     row_groups: tuple[int, ...] | None = None
     first_row: int = 0
+    gz_index: str | None = None  # a gzipped file's part: the index to seek in it with
 
     @property
     def whole_file(self) -> bool:
@@ -86,24 +104,62 @@ class Part:
 
 
 def plan_parts(reviews: list[Path], part_bytes: int | None = None,
-               part_rows: int | None = None) -> list[Part]:
+               part_rows: int | None = None, gz_index_dir: Path | None = None,
+               threads: int = 1) -> list[Part]:
     """The input's parts in input order (see the module doc); parts of ``part_bytes`` bytes or
-    ``part_rows`` rows (default :data:`PART_BYTES`, :data:`PART_ROWS`)."""
+    ``part_rows`` rows (default :data:`PART_BYTES`, :data:`PART_ROWS`). With ``gz_index_dir``
+    a gzipped file is indexed there (``threads`` decompressing) and split too."""
     part_bytes = part_bytes or PART_BYTES
     part_rows = part_rows or PART_ROWS
     parts: list[Part] = []
-    for path in reviews:
+    for n, path in enumerate(reviews):
         kind, gz = file_kind(path)
         if kind == "parquet":
             pieces = _parquet_pieces(path, part_rows)
             parts += [Part(len(parts) + i, str(path), row_groups=rg, first_row=first)
                       for i, (rg, first) in enumerate(pieces)]
+            continue
+        index = None
+        # Below a quarter of a part compressed, the file is one part whatever its ratio (JSON
+        # lines inflate 4-5x): no index for nothing.
+        if gz and gz_index_dir is not None and path.stat().st_size >= part_bytes // 4:
+            gz_index_dir.mkdir(parents=True, exist_ok=True)
+            index = gz_index_dir / f"{n:05d}.gzindex"
+            try:
+                size = build_gz_index(path, index, threads)
+                bounds = gz_line_starts(path, str(index), size, part_bytes)
+            except InputError as exc:
+                # Not split: read whole as always, so the file is judged by the one reader,
+                # whether or not it is split (rapidgzip refuses a zero-padded file ISA-L reads).
+                log.warning("%s is read whole, not split: %s", path.name, exc)
+                index, bounds = None, [0, -1]
         elif gz:
-            parts.append(Part(len(parts), str(path)))
+            bounds = [0, -1]
         else:
-            bounds = _line_starts(path, part_bytes)
-            parts += [Part(len(parts) + i, str(path), lo, hi)
-                      for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+            with open(path, "rb") as f:
+                bounds = line_starts(f, path.stat().st_size, part_bytes)
+        if len(bounds) == 2:  # one part: read whole, as a plain stream
+            parts.append(Part(len(parts), str(path)))
+            continue
+        parts += [Part(len(parts) + i, str(path), lo, hi, gz_index=str(index) if index else None)
+                  for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))]
+    return parts
+
+
+def planned_parts(work: Path, reviews: list[Path], n_workers: int,
+                  threads: int) -> list[Part]:
+    """The parts of this step's input (:func:`plan_parts`), planned once and kept in ``work``:
+    a rerun (its finished parts are found by index) gets the same parts whatever its workers.
+    Gzipped files are split only with :data:`GZ_SPLIT_WORKERS_PER_FILE` workers per file."""
+    plan = work / "parts.json"
+    if plan.is_file():
+        return [Part(**dict(p, row_groups=tuple(p["row_groups"])
+                            if p["row_groups"] is not None else None))
+                for p in read_json(plan)["parts"]]
+    split_gz = n_workers >= GZ_SPLIT_WORKERS_PER_FILE * len(reviews)
+    parts = plan_parts(reviews, gz_index_dir=work / "gzindex" if split_gz else None,
+                       threads=threads)
+    write_json(plan, {"parts": [asdict(p) for p in parts]})
     return parts
 
 
@@ -126,32 +182,6 @@ def _parquet_pieces(path: Path, part_rows: int) -> list[tuple[tuple[int, ...] | 
     if group:
         pieces.append((tuple(group), first))
     return pieces if len(pieces) > 1 else [(None, 0)]
-
-
-def _line_starts(path: Path, part_bytes: int) -> list[int]:
-    """0, the first line start at or after every ``part_bytes``, and -1 (the end)."""
-    size = path.stat().st_size
-    bounds = [0]
-    with open(path, "rb") as f:
-        at = part_bytes
-        while at < size:
-            f.seek(at - 1)
-            skipped = 0
-            while True:  # the line that crosses ``at`` belongs to the part before
-                piece = f.read(1 << 20)
-                nl = piece.find(b"\n")
-                if nl >= 0 or not piece:
-                    break
-                skipped += len(piece)
-            if nl < 0:
-                break
-            cut = at - 1 + skipped + nl + 1
-            if cut >= size:
-                break
-            if cut > bounds[-1]:
-                bounds.append(cut)
-            at = cut + part_bytes
-    return [*bounds, -1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +216,7 @@ def read_part(part: Part, work: str, n_buckets: int, now_ms: int,
     with Quarantine(folder / "quarantine.jsonl") as quarantine:
         chunks = read_reviews(path, part.start, None if part.stop < 0 else part.stop,
                               part.row_groups, part.first_row,
-                              READ_SCHEMA if keep_text else READ_SCHEMA_NO_TITLE)
+                              READ_SCHEMA if keep_text else READ_SCHEMA_NO_TITLE, part.gz_index)
         for chunk in chunks:
             for line, reason, raw in chunk.refused:
                 quarantine.add(part.path, line, reason, raw)

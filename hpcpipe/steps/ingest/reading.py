@@ -73,13 +73,16 @@ class Chunk:
 
 def read_reviews(path: Path, start: int = 0, stop: int | None = None,
                  row_groups: Sequence[int] | None = None, first_row: int = 0,
-                 schema: pa.Schema = READ_SCHEMA) -> Generator[Chunk, None, None]:
+                 schema: pa.Schema = READ_SCHEMA,
+                 gz_index: str | None = None) -> Generator[Chunk, None, None]:
     """Chunks of a reviews file, or of a part of it, with the fields of ``schema`` (READ_SCHEMA
     or READ_SCHEMA_NO_TITLE); the next one is read and parsed in a thread meanwhile. A part of a
     JSON lines file is the bytes ``start:stop`` (both at line starts; line numbers count from the
-    part's first line); of a parquet file the ``row_groups``, whose first row is row
-    ``first_row`` of the file."""
-    return _prefetched(_read_reviews_here(path, start, stop, row_groups, first_row, schema))
+    part's first line), of the uncompressed stream for a gzipped one, which needs its
+    ``gz_index`` (:func:`build_gz_index`); of a parquet file the ``row_groups``, whose first row
+    is row ``first_row`` of the file."""
+    return _prefetched(_read_reviews_here(path, start, stop, row_groups, first_row, schema,
+                                          gz_index))
 
 
 def _prefetched(chunks: Iterator[Chunk]) -> Generator[Chunk, None, None]:
@@ -96,12 +99,12 @@ def _prefetched(chunks: Iterator[Chunk]) -> Generator[Chunk, None, None]:
 
 def _read_reviews_here(path: Path, start: int, stop: int | None,
                        row_groups: Sequence[int] | None, first_row: int,
-                       schema: pa.Schema) -> Iterator[Chunk]:
+                       schema: pa.Schema, gz_index: str | None) -> Iterator[Chunk]:
     kind, _ = file_kind(path)
     if kind == "parquet":
         yield from _read_parquet_reviews(path, row_groups, first_row, schema)
         return
-    for block, first_line, at_eof, newlines in _json_blocks(path, start, stop):
+    for block, first_line, at_eof, newlines in _json_blocks(path, start, stop, gz_index):
         parsed, refused = _parse_json_block(block, schema, at_eof, newlines)
         refused = [(first_line + line, reason, raw) for line, reason, raw in refused]
         lines = first_line + parsed.line_index
@@ -109,22 +112,99 @@ def _read_reviews_here(path: Path, start: int, stop: int | None,
                     next_line=first_line + _line_count(block, newlines))
 
 
-def _open_json(path: Path) -> io.BufferedIOBase:
+def _open_json(path: Path, gz_index: str | None = None) -> io.BufferedIOBase:
     _, gz = file_kind(path)
+    if gz and gz_index:
+        return _open_indexed_gz(path, gz_index)
     if gz:
         # ISA-L's inflate: the same gzip format and errors, 2-3x the speed of zlib's.
         return igzip.IGzipFile(path, "rb")
     return open(path, "rb")  # noqa: SIM115 (the caller closes it)
 
 
+def _open_indexed_gz(path: Path, gz_index: str | None = None, threads: int = 1) -> Any:
+    """``path`` through rapidgzip, which can seek in the uncompressed stream once it has the
+    index of its deflate blocks (``gz_index``; without it the index is built while reading).
+    The caller must close it (rapidgzip's threads abort the interpreter at exit otherwise)."""
+    import rapidgzip  # type: ignore[import-not-found]
 
-def _json_blocks(path: Path, start: int = 0, stop: int | None = None
-                 ) -> Iterator[tuple[bytes, int, bool, int]]:
+    f = rapidgzip.open(str(path), parallelization=threads)
+    if gz_index:
+        try:
+            f.import_index(gz_index)
+        except BaseException:
+            f.close()
+            raise
+    return f
+
+
+#: What a gzip reader raises on a truncated or corrupt file: the standard library's and ISA-L's
+#: errors; rapidgzip says ValueError or RuntimeError (read on a file object only).
+_GZIP_ERRORS = (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile)
+_INDEXED_GZIP_ERRORS = (*_GZIP_ERRORS, ValueError, RuntimeError)
+
+
+def build_gz_index(path: Path, out: Path, threads: int) -> int:
+    """Read the gzipped ``path`` through once with rapidgzip (``threads`` decompressing) and write
+    the index of its deflate blocks to ``out`` (temp name, renamed when complete); return the
+    uncompressed size. A truncated or corrupt file is refused as when it is read."""
+    with _open_indexed_gz(path, None, threads) as f:
+        try:
+            while f.read(BLOCK_BYTES):
+                pass
+        except _INDEXED_GZIP_ERRORS as exc:  # type: ignore[misc]
+            raise truncated(path, exc) from None
+        # rapidgzip (0.16) ends a stream cut short at its last whole deflate block without an
+        # error; a whole file is read to its last byte (its last member's trailer).
+        used, total = int(f.tell_compressed()), 8 * path.stat().st_size
+        if used != total:
+            raise truncated(path, EOFError(
+                f"the compressed data ends at byte {used // 8} of {total // 8}"))
+        size = int(f.tell())
+        with atomic_path(out) as tmp:
+            f.export_index(str(tmp))
+    return size
+
+
+def gz_line_starts(path: Path, gz_index: str, size: int, part_bytes: int) -> list[int]:
+    """The uncompressed stream's line starts at every ``part_bytes`` (:func:`line_starts`)."""
+    with _open_indexed_gz(path, gz_index) as f:
+        return line_starts(f, size, part_bytes)
+
+
+def line_starts(f: Any, size: int, part_bytes: int) -> list[int]:
+    """0, the first line start at or after every ``part_bytes`` of the ``size`` bytes of the
+    seekable ``f``, and -1 (the end)."""
+    bounds = [0]
+    at = part_bytes
+    while at < size:
+        f.seek(at - 1)
+        skipped = 0
+        while True:  # the line that crosses ``at`` belongs to the part before
+            piece = f.read(1 << 20)
+            nl = piece.find(b"\n")
+            if nl >= 0 or not piece:
+                break
+            skipped += len(piece)
+        if nl < 0:
+            break
+        cut = at - 1 + skipped + nl + 1
+        if cut >= size:
+            break
+        if cut > bounds[-1]:
+            bounds.append(cut)
+        at = cut + part_bytes
+    return [*bounds, -1]
+
+
+def _json_blocks(path: Path, start: int = 0, stop: int | None = None,
+                 gz_index: str | None = None) -> Iterator[tuple[bytes, int, bool, int]]:
     """(bytes of whole lines, line number of the first, is the file's end, how many newlines it
     holds) of ~BLOCK_BYTES each,
     of the whole file or of the (uncompressed) bytes ``start:stop``; the next block is read (and
     decompressed) in a thread while the caller works on this one."""
-    f = _open_json(path)
+    f = _open_json(path, gz_index)
+    errors = _INDEXED_GZIP_ERRORS if gz_index else _GZIP_ERRORS
     if start:
         f.seek(start)
     left = [None if stop is None else stop - start]
@@ -137,7 +217,7 @@ def _json_blocks(path: Path, start: int = 0, stop: int | None = None
             left[0] -= len(data)
             return data
         # isal's stub declares its error class as an instance of Exception.
-        except (EOFError, zlib.error, isal_zlib.error, gzip.BadGzipFile) as exc:  # type: ignore[misc]
+        except errors as exc:  # type: ignore[misc]
             raise truncated(path, exc) from None
 
     try:
