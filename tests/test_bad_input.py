@@ -90,6 +90,55 @@ def test_wrongly_typed_fields_in_a_gz_file_are_quarantined_by_line(tmp_path: Pat
     assert sum(m["reasons"].values()) == 13
 
 
+@pytest.mark.parametrize("keep_text", [False, True])
+def test_what_a_json_line_means_edge_by_edge(tmp_path: Path, keep_text: bool) -> None:
+    """The JSON decoder's reading of odd lines (reading.py's module doc), with the review words
+    skipped (the default) and kept. ``null`` alone in a block once crashed the process (pyarrow
+    26's JSON reader: SIGSEGV), so it is tested alone in a file too."""
+    src = tmp_path / "r.jsonl.gz"
+    dup = json.dumps(review(62))[:-1] + ', "rating": 2.0}'
+    lines = [review(i) for i in range(60)] + [
+        "null",  # line 61
+        "[1, 2]",
+        dup,  # a repeated key: the last value, as Python's json
+        review(63, extra=["\u00e9", {"deep": [1.5, None]}]),
+        review(64, rating=1e400),  # 65: json.dumps writes Infinity
+        review(65, timestamp=1 << 64),
+        review(66, helpful_vote=-(1 << 63) - 1),
+        review(67, text="caf\u00e9 \U0001F600 \"q\"\n"),
+        review(68, text=None),
+    ]
+    data = ("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n").encode()
+    # A number too large for a double where ingest does not look, and bytes that are not UTF-8
+    # there: no reason to refuse a review. The same bytes in the text refuse it.
+    data += (json.dumps(review(69))[:-1] + ', "other": 1E400, "junk": "\xff"}\n').encode("latin-1")
+    data += json.dumps(review(70, text="xx")).replace('"xx"', '"\xfe"').encode("latin-1") + b"\n"
+    src.write_bytes(gzip.compress(data))
+    write_meta(tmp_path / "m.jsonl")
+    m = ingest([src], tmp_path / "m.jsonl", tmp_path / "out",
+               IngestConfig(target_bucket_rows=500_000, keep_text=keep_text))
+    got = {q["line"]: q["reason"] for q in quarantine(tmp_path / "out")}
+    assert got == {61: "not a JSON object", 62: "not a JSON object",
+                   65: "rating is not a number", 66: "timestamp does not fit in 64 bits",
+                   67: "helpful_vote does not fit in 64 bits", 71: "non-UTF-8 bytes"}
+    out = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "out").glob(
+        "reviews/bucket=*/part-0.parquet"))).to_pylist()
+    by_user = {r["user_id"]: r for r in out}
+    assert by_user["U62"]["rating"] == 2.0
+    assert by_user["U67"]["text_chars"] == len("caf\u00e9 \U0001F600 \"q\"\n") == 11
+    assert by_user["U68"]["text_chars"] == 0
+    assert {"U63", "U69"} <= set(by_user)
+    assert (m["rows_in"], m["rows_out"], m["quarantined"]) == (71, 65, 6)
+
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    write_lines(alone / "r.jsonl", [review(i) for i in range(60)])
+    with (alone / "r.jsonl").open("a") as f:
+        f.write("null\n")
+    m = ingest([alone / "r.jsonl"], tmp_path / "m.jsonl", alone / "out", cfg())
+    assert [q["reason"] for q in quarantine(alone / "out")] == ["not a JSON object"]
+
+
 def test_bad_rows_in_the_second_file_name_that_file_and_its_own_line(tmp_path: Path) -> None:
     write_lines(tmp_path / "a.jsonl", [review(i) for i in range(30)])
     write_lines(tmp_path / "b.jsonl", [review(i) for i in range(30, 60)]

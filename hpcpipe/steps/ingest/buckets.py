@@ -95,8 +95,8 @@ def bucket_count(valid: int, guessed: int, target: int) -> int:
 
 def spill_rows(t: pa.Table, rows: np.ndarray, keep_text: bool = False) -> pa.Table:
     """Valid rows in the output layout (:func:`spill_schema`), plus ``_row``: their place in the
-    whole input."""
-    text = t.column("text")
+    whole input. ``t`` has the review's text (``keep_text``) or only its length (``text_chars``)."""
+    text = t.column("text") if "text" in t.column_names else None  # else its text_chars
     schema = spill_schema(keep_text)
     columns = {
         "parent_asin": t.column("parent_asin"),
@@ -105,7 +105,8 @@ def spill_rows(t: pa.Table, rows: np.ndarray, keep_text: bool = False) -> pa.Tab
         "timestamp": t.column("timestamp"),
         "rating": t.column("rating").cast(pa.float32()),
         **({"title": t.column("title"), "text": text} if keep_text else {}),
-        "text_chars": pc.utf8_length(text).fill_null(0).cast(pa.int32()),
+        "text_chars": (t.column("text_chars") if text is None else pc.utf8_length(text).cast(
+            pa.int32())).fill_null(0),
         "helpful_vote": t.column("helpful_vote").fill_null(0).cast(pa.int32()),
         "verified_purchase": t.column("verified_purchase").fill_null(False),
         "_row": pa.array(rows.astype(np.int64)),

@@ -54,7 +54,7 @@ from hpcpipe.steps.ingest.buckets import (
 from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind
 from hpcpipe.steps.ingest.reading import (
     READ_SCHEMA,
-    READ_SCHEMA_NO_TITLE,
+    READ_SCHEMA_LENGTHS,
     build_gz_index,
     gz_line_starts,
     line_starts,
@@ -216,7 +216,7 @@ def read_part(part: Part, work: str, n_buckets: int, now_ms: int,
     with Quarantine(folder / "quarantine.jsonl") as quarantine:
         chunks = read_reviews(path, part.start, None if part.stop < 0 else part.stop,
                               part.row_groups, part.first_row,
-                              READ_SCHEMA if keep_text else READ_SCHEMA_NO_TITLE, part.gz_index)
+                              READ_SCHEMA if keep_text else READ_SCHEMA_LENGTHS, part.gz_index)
         for chunk in chunks:
             for line, reason, raw in chunk.refused:
                 quarantine.add(part.path, line, reason, raw)
@@ -245,7 +245,7 @@ def read_part(part: Part, work: str, n_buckets: int, now_ms: int,
 def first_products(path: Path) -> pa.Array:
     """The distinct products of the first block of a reviews file (a few thousand): enough to
     see metadata of another category before the whole input is read."""
-    chunks = read_reviews(path, schema=READ_SCHEMA_NO_TITLE)
+    chunks = read_reviews(path, schema=READ_SCHEMA_LENGTHS)
     try:
         for chunk in chunks:
             return pc.unique(chunk.table.column("parent_asin").drop_null())
