@@ -106,20 +106,28 @@ def phase_duckdb_two(a: argparse.Namespace) -> dict[str, Any]:
     return {"stage1_s": round(stage1, 2), "stage2_s": round(stage2, 2)}
 
 
-def phase_hpcpipe(a: argparse.Namespace) -> dict[str, Any]:
-    """Both steps through their job entry points, as a job script runs them."""
+def new_run(raw: Path, run: Path, keep_text: bool = False) -> Any:
+    """A fresh run folder (its RunLayout) whose config names the raw files, the defaults
+    otherwise (``ingest.keep_text`` as given)."""
     import yaml
 
     from hpcpipe.config import RunConfig
     from hpcpipe.run.layout import RunLayout
 
-    layout = RunLayout(Path(a.run))
+    layout = RunLayout(run)
     shutil.rmtree(layout.root, ignore_errors=True)
     layout.root.mkdir(parents=True)
     cfg = RunConfig()
-    cfg.data.reviews = _raw_files(Path(a.raw))
-    cfg.data.metadata = str(Path(a.raw) / "meta.jsonl.gz")
+    cfg.data.reviews = _raw_files(raw)
+    cfg.data.metadata = str(raw / "meta.jsonl.gz")
+    cfg.ingest.keep_text = keep_text
     layout.config.write_text(yaml.safe_dump(cfg.to_dict()))
+    return layout
+
+
+def phase_hpcpipe(a: argparse.Namespace) -> dict[str, Any]:
+    """Both steps through their job entry points, as a job script runs them."""
+    layout = new_run(Path(a.raw), Path(a.run))
     seconds = {}
     for step in ("ingest", "features"):
         start = time.perf_counter()

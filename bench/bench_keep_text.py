@@ -25,27 +25,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import bench_features  # noqa: E402
+from bench_end_to_end import new_run  # noqa: E402
 
 MODES = ("default", "keep_text")
 
 
 def phase_ingest(a: argparse.Namespace) -> dict[str, Any]:
-    """One ingest run on a fresh run folder whose config names the raw files."""
-    import yaml
-
-    from hpcpipe.config import RunConfig
-    from hpcpipe.run.layout import RunLayout
-
-    raw, run = Path(a.raw), Path(a.run)
-    shutil.rmtree(run, ignore_errors=True)
-    run.mkdir(parents=True)
-    layout = RunLayout(run)
-    cfg = RunConfig()
-    cfg.data.reviews = sorted(str(p) for p in raw.glob("reviews*.jsonl.gz"))
-    cfg.data.metadata = str(raw / "meta.jsonl.gz")
-    cfg.ingest.keep_text = a.phase == "keep_text"
-    layout.config.write_text(yaml.safe_dump(cfg.to_dict()))
-    subprocess.run([sys.executable, "-m", "hpcpipe.jobs.ingest", "--run-dir", str(run)],
+    """One ingest run through its job entry point on a fresh run folder."""
+    layout = new_run(Path(a.raw), Path(a.run), keep_text=a.phase == "keep_text")
+    subprocess.run([sys.executable, "-m", "hpcpipe.jobs.ingest", "--run-dir", str(layout.root)],
                    check=True)
     manifest = json.loads((layout.ingest / "manifest.json").read_text())
     return {"rows_out": manifest["rows_out"],
