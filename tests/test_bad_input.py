@@ -139,6 +139,59 @@ def test_what_a_json_line_means_edge_by_edge(tmp_path: Path, keep_text: bool) ->
     assert [q["reason"] for q in quarantine(alone / "out")] == ["not a JSON object"]
 
 
+def test_a_line_is_one_review_whatever_else_its_block_holds(tmp_path: Path) -> None:
+    """Two objects on one line are one malformed line, and an object over two lines two; so they
+    stay when a blank line or that object in the same block evens out the count of objects and
+    lines (decoding a block with msgspec's decode_lines took the two objects as two reviews, and
+    numbered the lines after them wrongly, when its count of objects matched the lines)."""
+    one = [json.dumps(review(i)) for i in range(70)]
+    over_two_lines = one[62].replace(", ", ",\n", 1)
+    lines = (one[:30] + [f"{one[60]} {one[61]}", ""] + one[30:60] + [over_two_lines]
+             + [f"{one[63]}{one[64]}"] + one[65:])
+    src = tmp_path / "r.jsonl"
+    write_lines(src, lines)
+    data = src.read_bytes()
+    assert data.count(b"\n") == 70 and data.count(b'"rating"') == 70  # objects = lines
+    write_meta(tmp_path / "m.jsonl")
+    m = ingest([src], tmp_path / "m.jsonl", tmp_path / "out", cfg())
+    assert [(q["line"], q["reason"]) for q in quarantine(tmp_path / "out")] == [
+        (31, "malformed JSON"), (63, "malformed JSON"), (64, "malformed JSON"),
+        (65, "malformed JSON")]
+    out = pa.concat_tables(pq.read_table(f) for f in sorted((tmp_path / "out").glob(
+        "reviews/bucket=*/part-0.parquet")))
+    assert sorted(out.column("user_id").to_pylist()) == sorted(
+        f"U{i}" for i in [*range(60), *range(65, 70)])
+    assert (m["rows_in"], m["rows_out"], m["quarantined"]) == (69, 65, 4)
+
+
+def test_windows_line_ends_are_read_like_unix_ones_in_one_call() -> None:
+    """``}\\r\\n{`` separates two lines too: such a file keeps the one-call decoding of a block
+    (``starts`` stays unset there) and gives the same rows."""
+    from hpcpipe.steps.ingest.reading import READ_SCHEMA_LENGTHS, _parse_json_block
+
+    unix = ("\n".join(json.dumps(review(i)) for i in range(50)) + "\n").encode()
+    windows = unix.replace(b"\n", b"\r\n")
+    (a, refused_a), (b, refused_b) = (_parse_json_block(x, READ_SCHEMA_LENGTHS)
+                                      for x in (unix, windows))
+    assert a.table.equals(b.table) and a.table.num_rows == 50 and not refused_a + refused_b
+    assert a.starts is None and b.starts is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 17, 4099])
+def test_newlines_are_found_wherever_they_fall(size: int) -> None:
+    """The 8-bytes-at-a-time search gives numpy's plain answer: single newlines, runs of them
+    (two in one word), and the tail after the last whole word."""
+    import numpy as np
+
+    from hpcpipe.steps.ingest.reading import _newlines
+
+    rng = np.random.default_rng(size)
+    for share in (0.0, 0.02, 0.3, 1.0):
+        block = np.where(rng.random(size) < share, 10, 65).astype(np.uint8).tobytes()
+        expect = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
+        assert _newlines(block).tolist() == expect.tolist()
+
+
 def test_bad_rows_in_the_second_file_name_that_file_and_its_own_line(tmp_path: Path) -> None:
     write_lines(tmp_path / "a.jsonl", [review(i) for i in range(30)])
     write_lines(tmp_path / "b.jsonl", [review(i) for i in range(30, 60)]
