@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from hpcpipe.config import IngestConfig
-from hpcpipe.errors import InputError
+from hpcpipe.errors import InputError, RunError
 from hpcpipe.steps import ingest as ingest_module
 from hpcpipe.steps.ingest import ingest
 from hpcpipe.steps.ingest import parts as parts_module
@@ -268,6 +268,66 @@ def test_a_killed_ingest_does_not_read_finished_parts_again(inputs, one_part_eac
     assert caplog.text.count("already written, skipped") == 2
     assert "continuing the ingest" in caplog.text
     _same(_output(out), one_part_each)
+
+
+def _background_done() -> None:
+    """Wait for the deletes queued in this process's background thread."""
+    if parts_module._BACKGROUND is not None:
+        parts_module._BACKGROUND.submit(lambda: None).result()
+
+
+def test_an_ingest_killed_after_installing_its_reviews_takes_them_back(inputs, one_part_each,
+                                                                       tmp_path, monkeypatch,
+                                                                       caplog):
+    """A finished bucket's spill is deleted, so its output is its only copy: a kill between the
+    rename of the reviews into place and the manifest must not leave a rerun rebuilding buckets
+    from spill that is gone (it wrote them empty), nor reading the input again."""
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    real_products = ingest_module._write_products
+
+    def killed(*args):
+        raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ingest_module, "_write_products", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    _background_done()
+    work = next(out.glob(".work-*"))
+    assert (out / "reviews").is_dir() and not (work / "reviews").exists()
+    assert not (out / "manifest.json").exists()
+    assert not list(work.glob("parts/*/n*/*.arrows"))  # every finished bucket's spill deleted
+    monkeypatch.setattr(ingest_module, "_write_products", real_products)
+    read = []
+    real_read = ingest_module.read_part
+    monkeypatch.setattr(ingest_module, "read_part",
+                        lambda part, *a: read.append(part) or real_read(part, *a))
+    with caplog.at_level(logging.INFO, logger="hpcpipe"):
+        m = ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    assert "took the reviews installed by the killed ingest back" in caplog.text
+    assert caplog.text.count("already written, skipped") == m["n_buckets"]
+    assert caplog.text.count("already read, skipped") == len(plan_parts(inputs[0]))
+    _same(_output(out), one_part_each)
+    assert not list(out.glob(".work-*"))
+
+
+def test_a_finished_bucket_whose_output_is_gone_is_refused_not_written_empty(inputs, tmp_path,
+                                                                             monkeypatch):
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    monkeypatch.setattr(ingest_module, "_install",
+                        lambda *a: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    monkeypatch.undo()
+    _small_parts(monkeypatch)
+    work = next(out.glob(".work-*"))
+    (work / "reviews" / "bucket=00001" / "part-0.parquet").unlink()
+    with pytest.raises(RunError, match=r"bucket 1 of the unfinished ingest in .*\.work-.* was "
+                                       r"written, and its spill deleted, but reviews/bucket=00001/"
+                                       r"part-0\.parquet is gone; remove .* to ingest again"):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    assert not (out / "manifest.json").exists()
 
 
 def test_a_part_cut_short_is_read_again_from_its_start(inputs, one_part_each, tmp_path,

@@ -18,11 +18,12 @@ How it runs, in bounded memory, one module per part:
    metadata checked against those products before anything is installed.
 
 Work in progress lives in ``.work-<fingerprint>/`` next to the output: after a kill, the parts
-and buckets already finished are not read again. The reviews folder is renamed into place when
-every bucket is done, and ``manifest.json`` comes last, so a crash never leaves output that looks
-complete. A manifest whose fingerprint is that of the same input files and settings means
-"already done" (see :mod:`hpcpipe.run.provenance`). The output does not depend on how many
-workers or nodes ran it.
+and buckets already finished are not read again (a finished bucket's spill is deleted as soon as
+it is written). The reviews folder is renamed into place when every bucket is done (a kill before
+the manifest: the next run takes it back), and ``manifest.json`` comes last, so a crash never
+leaves output that looks complete. A manifest whose fingerprint is that of the same input files
+and settings means "already done" (see :mod:`hpcpipe.run.provenance`). The output does not
+depend on how many workers or nodes ran it.
 """
 
 from __future__ import annotations
@@ -87,6 +88,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 WORK_PREFIX = ".work-"
+INSTALLED = "installed.json"  # in the work folder: the reviews were (being) renamed into place
 #: Products in the first block of the input that make the early metadata check worth trusting.
 _EARLY_COVERAGE_PRODUCTS = 50
 #: The manifest fields a skipped ingest repeats in its metrics summary.
@@ -169,6 +171,7 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
     work = out_dir / f"{WORK_PREFIX}{fp[:16]}"
     _remove_temporaries(out_dir, keep=work)
     work.mkdir(exist_ok=True)
+    _reclaim(work, out_dir / "reviews")
 
     n_guess = _guess_buckets(reviews, cfg)
     tasks = _Tasks(client)
@@ -210,7 +213,7 @@ def ingest(reviews_paths: Sequence[Path | str], metadata_path: Path | str | None
         products = bucket_products(work, n_buckets)
         check_coverage(products, meta_file, reviews[0], metadata)
         release_memory()
-        _install(work / "reviews", out_dir / "reviews")
+        _install(work / "reviews", out_dir / "reviews", work / INSTALLED)
         log.info("sorted and wrote %d buckets; %.1f s so far", n_buckets,
                  time.perf_counter() - start)
         missing = _write_products(out_dir / "products.parquet", meta_file, products)
@@ -324,8 +327,11 @@ def _regrouped(tasks: _Tasks, work: Path, n_parts: int, valid: int, n_guess: int
     return n_buckets
 
 
-def _install(folder: Path, dest: Path) -> None:
-    """Rename the finished ``folder`` to ``dest`` (an old ``dest`` is moved aside, then removed)."""
+def _install(folder: Path, dest: Path, marker: Path) -> None:
+    """Rename the finished ``folder`` to ``dest`` (an old ``dest`` is moved aside, then removed),
+    having first written ``marker``: a run killed after the rename and before its manifest finds
+    the reviews at ``dest`` (:func:`_reclaim`)."""
+    write_json(marker, {"installed_to": str(dest)})
     old = temp_name(dest) if dest.exists() else None
     if old is not None:
         os.replace(dest, old)
@@ -334,6 +340,19 @@ def _install(folder: Path, dest: Path) -> None:
     os.replace(folder, dest)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _reclaim(work: Path, dest: Path) -> None:
+    """Continuing an ingest that was killed while or after installing its reviews (``work`` holds
+    the marker :func:`_install` writes first): they go back into ``work``, where the finished
+    buckets are looked for (their spill is deleted, so they could not be written again)."""
+    marker = work / INSTALLED
+    if not marker.is_file():
+        return
+    if not (work / "reviews").exists() and dest.is_dir():
+        os.replace(dest, work / "reviews")
+        log.info("took the reviews installed by the killed ingest back into %s", work)
+    marker.unlink()
 
 
 def _done_before(manifest_path: Path, made_from: dict[str, Any],

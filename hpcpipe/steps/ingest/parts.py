@@ -15,7 +15,9 @@
    bucket's rows from every part sorted, deduplicated and written, with its distinct products
    (a product's rows are all in one bucket: the buckets' lists are the input's, without a set
    of every product in any one process); its ``.json`` beside it, written last, marks it
-   finished.
+   finished, and its spill is then deleted in the background (the deletes wait on the file
+   system, not the CPU: 2.5-3.3 s for the 512 files of a 31.8M-review ingest on this project's
+   machine, once spent at the very end with nothing else to do).
 
 Exact whatever the parallelism: a spilled row's ``_row`` is (part index << 40) + its place in the
 part, so "first in input order" is the same for one worker or many, and a part's quarantine lines
@@ -30,6 +32,7 @@ import os
 import shutil
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
-from hpcpipe.errors import InputError
+from hpcpipe.errors import InputError, RunError
 from hpcpipe.files import atomic_path, read_json, write_json
 from hpcpipe.runtime.memory import release_memory
 from hpcpipe.steps.ingest.buckets import (
@@ -280,14 +283,20 @@ def regroup_part(work: str, part: int, old: int, new: int, keep_text: bool = Fal
 def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
                   keep_text: bool = False) -> dict[str, Any]:
     """Sort, deduplicate and write one bucket from every part's spill (in part order) to
-    ``work/reviews/bucket=NNNNN/part-0.parquet``; a bucket finished before is kept while its file
-    is there. The spill stays until the whole ingest is done: a run killed after the finished
-    buckets were renamed into the output (their files gone from ``work``) rebuilds them."""
+    ``work/reviews/bucket=NNNNN/part-0.parquet``; a bucket finished before is kept. Once its
+    ``.json`` is written its spill is deleted (in a thread: the next task starts meanwhile), so a
+    finished bucket's output is the only copy of its rows: the ingest takes the reviews back into
+    ``work`` when it was killed after installing them (``_reclaim`` in the step)."""
     root = Path(work)
     stats_path = root / "buckets" / f"{bucket:05d}.json"
     out = root / "reviews" / f"bucket={bucket:05d}" / "part-0.parquet"
-    if stats_path.is_file() and out.is_file() and products_file(root, bucket).is_file():
-        return dict(read_json(stats_path), skipped=True)
+    if stats_path.is_file():
+        if out.is_file() and products_file(root, bucket).is_file():
+            return dict(read_json(stats_path), skipped=True)
+        raise RunError(
+            f"bucket {bucket} of the unfinished ingest in {root} was written, and its spill "
+            f"deleted, but {out.relative_to(root)} is gone; remove {root} to ingest again from "
+            "the start")
     sources = [spill_file(root, p, n_buckets, bucket) for p in range(n_parts)]
     tables = [read_spill(s) for s in sources if s.exists()]
     table = pa.concat_tables(tables) if tables else spill_schema(keep_text).empty_table()
@@ -301,7 +310,24 @@ def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
     release_memory()
     result = {**asdict(stats), "bucket": bucket, "node": where()}
     write_json(stats_path, result)
+    _in_background(_delete, [s for s in sources if s.exists()])
     return result
+
+
+_BACKGROUND: ThreadPoolExecutor | None = None
+
+
+def _in_background(fn: Any, *args: Any) -> None:
+    """``fn(*args)`` in this process's one background thread, in the order given."""
+    global _BACKGROUND
+    if _BACKGROUND is None:
+        _BACKGROUND = ThreadPoolExecutor(1, thread_name_prefix="hpcpipe-delete")
+    _BACKGROUND.submit(fn, *args)
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)  # the step may have removed the whole work folder first
 
 
 def merge_quarantine(work: Path, parts: list[Part], results: dict[int, dict[str, Any]],
