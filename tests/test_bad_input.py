@@ -167,14 +167,52 @@ def test_a_line_is_one_review_whatever_else_its_block_holds(tmp_path: Path) -> N
 def test_windows_line_ends_are_read_like_unix_ones_in_one_call() -> None:
     """``}\\r\\n{`` separates two lines too: such a file keeps the one-call decoding of a block
     (``starts`` stays unset there) and gives the same rows."""
-    from hpcpipe.steps.ingest.reading import READ_SCHEMA_LENGTHS, _parse_json_block
+    from hpcpipe.steps.ingest.reading import READ_SCHEMA_LENGTHS, _Block, _parse_json_block
 
     unix = ("\n".join(json.dumps(review(i)) for i in range(50)) + "\n").encode()
     windows = unix.replace(b"\n", b"\r\n")
-    (a, refused_a), (b, refused_b) = (_parse_json_block(x, READ_SCHEMA_LENGTHS)
-                                      for x in (unix, windows))
+    (a, refused_a), (b, refused_b) = (
+        _parse_json_block(_Block(x[:x.index(b"\n") + 1], memoryview(x)[x.index(b"\n") + 1:],
+                                 False), READ_SCHEMA_LENGTHS) for x in (unix, windows))
     assert a.table.equals(b.table) and a.table.num_rows == 50 and not refused_a + refused_b
     assert a.starts is None and b.starts is None
+
+
+@pytest.mark.parametrize("block_bytes", [97, 700, 4096])
+def test_where_the_blocks_fall_changes_nothing(tmp_path: Path, monkeypatch,
+                                               block_bytes: int) -> None:
+    """The same odd file read in blocks of a few lines, of less than one line, and whole: the same
+    rows, quarantine lines and reasons. Blocks cut lines (the cut line completes the next block's
+    first piece), a line can be longer than a block, and bad lines fall at a block's start, its
+    end and across its cut."""
+    from hpcpipe.steps.ingest import reading
+
+    lines: list[str | dict] = [review(i) for i in range(40)]
+    lines[3] = '{"rating": 4'  # malformed
+    lines[9] = ""
+    lines[10] = json.dumps(review(10)) + " " + json.dumps(review(110))  # two objects
+    lines[17] = review(17, text="x" * 3000)  # longer than most blocks
+    lines[18] = review(18, rating="5")
+    lines[25] = json.dumps(review(25)).replace(", ", ",\n", 1)  # an object over two lines
+    lines[31] = "   "
+    src = tmp_path / "r.jsonl"
+    write_lines(src, lines)
+    with src.open("ab") as f:
+        f.write(json.dumps(review(50)).encode() + b"\r\n" + json.dumps(review(51))[:-3].encode())
+    write_meta(tmp_path / "m.jsonl")
+
+    def read(out: Path) -> tuple[object, ...]:
+        m = ingest([src], tmp_path / "m.jsonl", out, cfg())
+        rows = pa.concat_tables(pq.read_table(f) for f in sorted(out.glob(
+            "reviews/bucket=*/part-0.parquet"))).sort_by("user_id").to_pylist()
+        return rows, [(q["line"], q["reason"]) for q in quarantine(out)], m["rows_in"]
+
+    whole = read(tmp_path / "whole")
+    assert whole[1] == [(4, "malformed JSON"), (11, "malformed JSON"),
+                        (19, "rating is not a number"), (26, "malformed JSON"),
+                        (27, "malformed JSON"), (43, "truncated last line")]
+    monkeypatch.setattr(reading, "BLOCK_BYTES", block_bytes)
+    assert read(tmp_path / "blocks") == whole
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 17, 4099])
