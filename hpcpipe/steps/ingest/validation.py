@@ -192,8 +192,8 @@ def sort_and_dedupe(table: pa.Table) -> tuple[pa.Table, int]:
 
     The order is (parent_asin, timestamp, user_id, _row). It is found on integers: each
     parent_asin's rank among the bucket's distinct ones and the timestamp packed into one int64
-    key, sorted stably (the spill is in input order); only rows whose key ties (the same product
-    and millisecond) are then ordered by user_id -- a fraction of the cost of sorting the strings.
+    key, sorted; only rows whose key ties (the same product and millisecond) are then ordered by
+    user_id and ``_row`` -- a fraction of the cost of sorting the strings.
     """
     n = table.num_rows
     if n == 0:
@@ -208,9 +208,9 @@ def sort_and_dedupe(table: pa.Table) -> tuple[pa.Table, int]:
     ts_bits = (int(ts.max()) - lo).bit_length()
     if ts_bits + len(parent.dictionary).bit_length() <= 62:
         key = (code << ts_bits) | (ts - lo)
-        in_order = bool((np.diff(row) > 0).all())
-        order = (np.argsort(key, kind="stable") if in_order
-                 else np.lexsort((row, key)))
+        # Not a stable sort: the rows of one key (ties) are ordered below by user_id and _row,
+        # whatever order they come in. Quicksort took 36 ms for 475k keys, the stable sort 63 ms.
+        order = np.argsort(key)
         key = key[order]
         tie = key[1:] == key[:-1]
     else:  # a time span too long to pack (not real review data): sort on both columns
