@@ -200,12 +200,21 @@ class BucketStats:
     max_timestamp: int
 
 
+#: The columns with few distinct values in a bucket, dictionary-encoded in its file. The others
+#: (user_id, timestamp, the words) are nearly unique per row: a dictionary was built for each only
+#: to be given up. Writing a 475k-row bucket, medians of 12: 240 ms instead of 283 ms, the file 3%
+#: smaller, read as fast.
+DICTIONARY_COLUMNS = ("parent_asin", "asin", "rating", "text_chars", "helpful_vote",
+                      "verified_purchase")
+
+
 def write_bucket(table: pa.Table, path: Path) -> tuple[BucketStats, pa.Array]:
     """One bucket's spilled rows sorted, deduplicated and written to ``path`` (zstd); what it
     holds and its distinct products (from the sorted rows: no hash table)."""
     table, dups = sort_and_dedupe(table)
     table = table.drop_columns(["_row"])
-    pq.write_table(table, path, compression="zstd", row_group_size=1 << 20)
+    pq.write_table(table, path, compression="zstd", row_group_size=1 << 20,
+                   use_dictionary=[c for c in DICTIONARY_COLUMNS if c in table.column_names])
     if table.num_rows == 0:
         return BucketStats(0, dups, 0, 0), pa.array([], pa.string())
     lo, hi = pc.min_max(table.column("timestamp")).values()
