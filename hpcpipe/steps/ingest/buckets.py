@@ -147,6 +147,10 @@ class Spill:
             self.pending.setdefault(0, []).append(table)
         else:
             buckets = bucket_of(table.column("parent_asin"), self.n_buckets)
+            if self.n_buckets <= np.iinfo(np.int16).max:
+                # numpy sorts 16-bit integers stably by radix: 0.33 ms for a block's 26k rows
+                # against 1.07 ms as int32.
+                buckets = buckets.astype(np.int16)
             order = np.argsort(buckets, kind="stable")
             table = table.take(pa.array(order))
             bounds = np.searchsorted(buckets[order], np.arange(self.n_buckets + 1))
