@@ -298,10 +298,6 @@ def test_an_ingest_killed_after_installing_its_reviews_takes_them_back(inputs, o
     assert not (out / "manifest.json").exists()
     assert not list(work.glob("parts/*/n*/*.arrows"))  # every finished bucket's spill deleted
     monkeypatch.setattr(ingest_module, "_write_products", real_products)
-    read = []
-    real_read = ingest_module.read_part
-    monkeypatch.setattr(ingest_module, "read_part",
-                        lambda part, *a: read.append(part) or real_read(part, *a))
     with caplog.at_level(logging.INFO, logger="hpcpipe"):
         m = ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
     assert "took the reviews installed by the killed ingest back" in caplog.text
