@@ -326,6 +326,50 @@ def test_a_finished_bucket_whose_output_is_gone_is_refused_not_written_empty(inp
     assert not (out / "manifest.json").exists()
 
 
+def test_a_second_run_of_a_bucket_never_writes_it_from_a_spill_deleted_under_it(
+        inputs, tmp_path, monkeypatch):
+    """Two runs of one bucket's task at once (a worker Dask took for lost can still be running
+    it): the first finishes and deletes the bucket's spill while the second reads it. The second
+    keeps the first's output when it finds it written, and fails otherwise; it never writes the
+    bucket from the spill files that are left."""
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    real_finish = ingest_module.finish_bucket
+    done = []
+
+    def dies_after_two(*args):
+        if len(done) == 2:
+            raise KeyboardInterrupt("killed")
+        done.append(args)
+        return real_finish(*args)
+
+    monkeypatch.setattr(ingest_module, "finish_bucket", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    _background_done()
+    work, bucket, n_parts, n_buckets = done[0][0], done[0][1], done[0][2], done[0][3]
+    stats = Path(work) / "buckets" / f"{bucket:05d}.json"
+    written = Path(work) / "reviews" / f"bucket={bucket:05d}" / "part-0.parquet"
+    first_output, first_stats = written.read_bytes(), stats.read_bytes()
+    stats.unlink()  # the second run looked before the first had finished
+    real_read = parts_module.read_spill
+
+    def first_run_finishes_meanwhile(path):
+        stats.write_bytes(first_stats)
+        return real_read(path)
+
+    monkeypatch.setattr(parts_module, "read_spill", first_run_finishes_meanwhile)
+    assert parts_module.finish_bucket(work, bucket, n_parts, n_buckets)["skipped"]
+    assert written.read_bytes() == first_output
+    monkeypatch.setattr(parts_module, "read_spill", real_read)
+    stats.unlink()
+    with pytest.raises(RunError, match=rf"the spill of bucket {bucket} of the unfinished ingest "
+                                       r"in .* is incomplete \(parts/p\d+/n\d+/\d+\.arrows.* "
+                                       r"gone\); remove .* to ingest again from the start"):
+        parts_module.finish_bucket(work, bucket, n_parts, n_buckets)
+    assert written.read_bytes() == first_output
+
+
 def test_a_part_cut_short_is_read_again_from_its_start(inputs, one_part_each, tmp_path,
                                                         monkeypatch):
     """A part killed while spilling leaves spill files but no done.json: redone whole."""

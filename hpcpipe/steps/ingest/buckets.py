@@ -24,6 +24,7 @@ import pyarrow as pa  # type: ignore[import-untyped]
 import pyarrow.compute as pc  # type: ignore[import-untyped]
 import pyarrow.parquet as pq  # type: ignore[import-untyped]
 
+from hpcpipe.files import write_json
 from hpcpipe.steps.ingest.validation import sort_and_dedupe
 
 OUTPUT_SCHEMA = pa.schema([
@@ -52,6 +53,8 @@ def spill_schema(keep_text: bool) -> pa.Schema:
 
 
 SPILL_SUFFIX = ".arrows"
+#: Beside a spill's files, written when it is closed: the buckets it has a file for.
+SPILLED = "buckets.json"
 #: A chunk's rows of one bucket are few (a 16 MB block over 64 buckets: ~700 rows); they are
 #: buffered and written together once this many bytes wait, in batches ~10x larger. Each batch
 #: costs fixed work (as parquet row groups, the small ones cost a tenth of the ingest at 31.8M).
@@ -175,9 +178,13 @@ class Spill:
         self.pending_bytes = 0
 
     def close(self) -> None:
+        """Write what is buffered, close the files, and list the buckets that have one
+        (:data:`SPILLED`): the bucket pass can then tell a bucket this spill has no rows of from
+        one whose file is gone."""
         self.flush()
         for w in self.writers.values():
             w.close()
+        write_json(self.folder / SPILLED, sorted(self.writers))
         self.writers.clear()
 
 

@@ -47,6 +47,7 @@ from hpcpipe.files import atomic_path, read_json, write_json
 from hpcpipe.runtime.memory import release_memory
 from hpcpipe.steps.ingest.buckets import (
     SPILL_SUFFIX,
+    SPILLED,
     Spill,
     read_spill,
     spill_batches,
@@ -297,8 +298,18 @@ def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
             f"bucket {bucket} of the unfinished ingest in {root} was written, and its spill "
             f"deleted, but {out.relative_to(root)} is gone; remove {root} to ingest again from "
             "the start")
-    sources = [spill_file(root, p, n_buckets, bucket) for p in range(n_parts)]
-    tables = [read_spill(s) for s in sources if s.exists()]
+    sources = _spilled(root, bucket, n_parts, n_buckets)
+    try:
+        tables = [read_spill(s) for s in sources]
+    except FileNotFoundError:
+        # Deleted by another run of this same task that finished the bucket meanwhile (a worker
+        # Dask took for lost can still be running it): that run's output stands.
+        if stats_path.is_file() and out.is_file():
+            return dict(read_json(stats_path), skipped=True)
+        gone = [str(s.relative_to(root)) for s in sources if not s.exists()]
+        raise RunError(
+            f"the spill of bucket {bucket} of the unfinished ingest in {root} is incomplete "
+            f"({', '.join(gone)} gone); remove {root} to ingest again from the start") from None
     table = pa.concat_tables(tables) if tables else spill_schema(keep_text).empty_table()
     del tables
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -310,8 +321,24 @@ def finish_bucket(work: str, bucket: int, n_parts: int, n_buckets: int,
     release_memory()
     result = {**asdict(stats), "bucket": bucket, "node": where()}
     write_json(stats_path, result)
-    _in_background(_delete, [s for s in sources if s.exists()])
+    _in_background(_delete, sources)
     return result
+
+
+def _spilled(root: Path, bucket: int, n_parts: int, n_buckets: int) -> list[Path]:
+    """The spill files ``bucket`` is made of, in part order: of every part whose spill lists the
+    bucket (:data:`~hpcpipe.steps.ingest.buckets.SPILLED`). A listed file that is gone is then
+    an error, not a bucket without those rows."""
+    files = []
+    for p in range(n_parts):
+        path = spill_file(root, p, n_buckets, bucket)
+        listed = path.parent / SPILLED
+        if listed.is_file():
+            if bucket in read_json(listed):
+                files.append(path)
+        elif path.exists():  # a spill closed before the list was written (an older version)
+            files.append(path)
+    return files
 
 
 _BACKGROUND: ThreadPoolExecutor | None = None
