@@ -239,24 +239,31 @@ def test_parts_on_a_dask_cluster_give_the_output_of_one_part_per_file(inputs, on
     assert not list(out.glob(".work-*")) and not list(out.glob(".tmp-*"))
 
 
-def test_a_killed_ingest_does_not_read_finished_parts_again(inputs, one_part_each, tmp_path,
-                                                             monkeypatch, caplog):
-    _small_parts(monkeypatch)
-    out = tmp_path / "out"
+def _killed_after_two_buckets(inputs, out: Path, monkeypatch) -> list[tuple]:
+    """An in-process ingest killed as it starts its third bucket; the two finished buckets'
+    arguments to finish_bucket (which is itself again afterwards)."""
     real_finish = ingest_module.finish_bucket
-    calls = []
+    done: list[tuple] = []
 
     def dies_after_two(*args):
-        if len(calls) == 2:
+        if len(done) == 2:
             raise KeyboardInterrupt("killed")
-        calls.append(args)
+        done.append(args)
         return real_finish(*args)
 
     monkeypatch.setattr(ingest_module, "finish_bucket", dies_after_two)
     with pytest.raises(KeyboardInterrupt):
         ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
-    assert not (out / "manifest.json").exists() and not (out / "reviews").exists()
     monkeypatch.setattr(ingest_module, "finish_bucket", real_finish)
+    return done
+
+
+def test_a_killed_ingest_does_not_read_finished_parts_again(inputs, one_part_each, tmp_path,
+                                                             monkeypatch, caplog):
+    _small_parts(monkeypatch)
+    out = tmp_path / "out"
+    _killed_after_two_buckets(inputs, out, monkeypatch)
+    assert not (out / "manifest.json").exists() and not (out / "reviews").exists()
     read = []
     real_read = ingest_module.read_part
     monkeypatch.setattr(ingest_module, "read_part",
@@ -334,18 +341,7 @@ def test_a_second_run_of_a_bucket_never_writes_it_from_a_spill_deleted_under_it(
     bucket from the spill files that are left."""
     _small_parts(monkeypatch)
     out = tmp_path / "out"
-    real_finish = ingest_module.finish_bucket
-    done = []
-
-    def dies_after_two(*args):
-        if len(done) == 2:
-            raise KeyboardInterrupt("killed")
-        done.append(args)
-        return real_finish(*args)
-
-    monkeypatch.setattr(ingest_module, "finish_bucket", dies_after_two)
-    with pytest.raises(KeyboardInterrupt):
-        ingest(*inputs, out, IngestConfig(target_bucket_rows=3_000))
+    done = _killed_after_two_buckets(inputs, out, monkeypatch)
     _background_done()
     work, bucket, n_parts, n_buckets = done[0][0], done[0][1], done[0][2], done[0][3]
     stats = Path(work) / "buckets" / f"{bucket:05d}.json"
