@@ -344,9 +344,8 @@ def _one_object_a_line(block: bytes | memoryview, newlines: np.ndarray) -> bool:
     return bool((before == 125).all() and (a[inner + 1] == 123).all())
 
 
-def _line_spans(block: bytes, nl: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    if nl is None:
-        nl = _newlines(block)
+def _line_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
+    nl = _newlines(block)
     starts = np.concatenate([[0], nl + 1])
     ends = np.concatenate([nl, [len(block)]])
     if starts[-1] == len(block):  # the block ends with a newline: no line after it
