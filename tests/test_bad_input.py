@@ -216,18 +216,20 @@ def test_where_the_blocks_fall_changes_nothing(tmp_path: Path, monkeypatch,
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 8, 9, 17, 4099])
-def test_newlines_are_found_wherever_they_fall(size: int) -> None:
-    """The 8-bytes-at-a-time search gives numpy's plain answer: single newlines, runs of them
-    (two in one word), and the tail after the last whole word."""
+@pytest.mark.parametrize("byte", [10, 92])
+def test_newlines_are_found_wherever_they_fall(size: int, byte: int) -> None:
+    """The 8-bytes-at-a-time search (newlines, and backslashes in a text) gives numpy's plain
+    answer: single bytes, runs of them (two in one word), and the tail after the last whole
+    word."""
     import numpy as np
 
-    from hpcpipe.steps.ingest.reading import _newlines
+    from hpcpipe.steps.ingest.jsontext import byte_positions
 
     rng = np.random.default_rng(size)
     for share in (0.0, 0.02, 0.3, 1.0):
-        block = np.where(rng.random(size) < share, 10, 65).astype(np.uint8).tobytes()
-        expect = np.flatnonzero(np.frombuffer(block, np.uint8) == 10)
-        assert _newlines(block).tolist() == expect.tolist()
+        block = np.where(rng.random(size) < share, byte, 65).astype(np.uint8).tobytes()
+        expect = np.flatnonzero(np.frombuffer(block, np.uint8) == byte)
+        assert byte_positions(block, byte).tolist() == expect.tolist()
 
 
 def test_bad_rows_in_the_second_file_name_that_file_and_its_own_line(tmp_path: Path) -> None:

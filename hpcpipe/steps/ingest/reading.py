@@ -2,7 +2,8 @@
 
 Reviews are streamed in blocks (~16 MB of JSON lines, or ~1M parquet rows). A JSON block is
 decoded by msgspec in one call into typed records of only the fields ingest reads (the others,
-most of the bytes, are skipped without being built). That call skips any whitespace between
+most of the bytes, are skipped without being built; the text, when only its length is kept, is
+left as raw JSON and measured for the whole block by :mod:`jsontext`). That call skips any whitespace between
 values, newlines included, so its rows are taken as the block's lines only if there are as many
 and every newline sits between a ``}`` and a ``{`` (:func:`_one_object_a_line`): otherwise two
 objects on one line could stand in for a blank line elsewhere. Any other block (a line refused,
@@ -46,6 +47,7 @@ from isal import igzip, isal_zlib
 from hpcpipe.errors import InputError
 from hpcpipe.files import atomic_path
 from hpcpipe.steps.ingest.inputs import bad_parquet, file_kind, truncated
+from hpcpipe.steps.ingest.jsontext import NotText, byte_positions, string_lengths
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ META_SCHEMA = pa.schema([("parent_asin", pa.string()), ("title", pa.string()),
 BLOCK_BYTES = 16 << 20
 PARQUET_BATCH_ROWS = 1 << 20
 RAW_CHARS = 500
+_NEWLINE = ord("\n")
 
 
 @dataclass
@@ -296,30 +299,6 @@ class _Parsed:
     ends: np.ndarray | None = None
 
 
-#: A uint64 (little-endian) holding one true bool: its byte k is the one set.
-_ONE_BYTE = np.array([1 << (8 * k) for k in range(8)], np.uint64)
-
-
-def _newlines(block: bytes | memoryview) -> np.ndarray:
-    """Where the newlines of ``block`` are (int64 offsets, ascending).
-
-    Found 8 bytes at a time: numpy's ``flatnonzero`` over a 16 MB mask takes ~5 ms, over the
-    mask read as 2M uint64 words ~0.7 ms; a word then holds one newline (a line is longer than 8
-    bytes), whose byte is read off the word's value. All in ~4.7 ms a block against the 3.3 ms
-    that counting them took (0.06 s per million realistic reviews)."""
-    mask = np.frombuffer(block, np.uint8) == 10
-    whole = len(mask) - len(mask) % 8
-    words = mask[:whole].view("<u8")
-    at = np.flatnonzero(words != 0)
-    found = words[at]
-    if (found & (found - np.uint64(1))).any():  # two newlines in 8 bytes (blank or tiny lines)
-        return np.flatnonzero(mask)
-    offsets = at * 8 + np.searchsorted(_ONE_BYTE, found)
-    if whole < len(mask):
-        offsets = np.concatenate([offsets, np.flatnonzero(mask[whole:]) + whole])
-    return offsets
-
-
 def _line_count(block: bytes | memoryview, newlines: np.ndarray) -> int:
     return len(newlines) + (len(block) > 0 and block[-1] != 10)
 
@@ -345,7 +324,7 @@ def _one_object_a_line(block: bytes | memoryview, newlines: np.ndarray) -> bool:
 
 
 def _line_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
-    nl = _newlines(block)
+    nl = byte_positions(block, _NEWLINE)
     starts = np.concatenate([[0], nl + 1])
     ends = np.concatenate([nl, [len(block)]])
     if starts[-1] == len(block):  # the block ends with a newline: no line after it
@@ -353,13 +332,12 @@ def _line_spans(block: bytes) -> tuple[np.ndarray, np.ndarray]:
     return starts, ends
 
 
-class _Review(msgspec.Struct, gc=False):
-    """A review line's fields that ingest reads (others are checked as JSON, not built): any may be
-    missing or null (validation says which must not be), a value of another type refuses the
-    line, an integer must fit in 64 bits."""
+class _ReviewFields(msgspec.Struct, gc=False):
+    """A review line's fields that ingest reads, but its words (others are checked as JSON, not
+    built): any may be missing or null (validation says which must not be), a value of another
+    type refuses the line, an integer must fit in 64 bits."""
 
     rating: float | None = None
-    text: str | None = None
     asin: str | None = None
     parent_asin: str | None = None
     user_id: str | None = None
@@ -368,8 +346,20 @@ class _Review(msgspec.Struct, gc=False):
     verified_purchase: bool | None = None
 
 
+class _Review(_ReviewFields, gc=False):
+    text: str | None = None
+
+
 class _ReviewWithTitle(_Review, gc=False):
     title: str | None = None
+
+
+class _ReviewTextRaw(_ReviewFields, gc=False):
+    """The text as its raw JSON (checked as JSON, not built): only its length is kept, counted
+    for a whole block by :func:`jsontext.string_lengths`, which refuses what is not a string or
+    not UTF-8 (the block is then read a line at a time with :class:`_Review`)."""
+
+    text: msgspec.Raw = msgspec.Raw(b"null")
 
 
 class _Meta(msgspec.Struct, gc=False):
@@ -383,18 +373,24 @@ _DECODERS: dict[tuple[str, ...], msgspec.json.Decoder[Any]] = {
     tuple(READ_SCHEMA.names): msgspec.json.Decoder(_ReviewWithTitle),
     tuple(READ_SCHEMA_LENGTHS.names): msgspec.json.Decoder(_Review),
     tuple(META_SCHEMA.names): msgspec.json.Decoder(_Meta)}
+#: The decoder of a block's fast path where it differs (the text measured, not built).
+_BLOCK_DECODERS: dict[tuple[str, ...], msgspec.json.Decoder[Any]] = {
+    tuple(READ_SCHEMA_LENGTHS.names): msgspec.json.Decoder(_ReviewTextRaw)}
 
 
-def _table_of(rows: list[Any], schema: pa.Schema) -> pa.Table:
+def _table_of(rows: list[Any], schema: pa.Schema, raw_text: bool = False) -> pa.Table:
     """Decoded lines as a table of ``schema``; ``text_chars`` is the text's length in
-    characters (code points, as ``pyarrow.compute.utf8_length``)."""
+    characters (code points, as ``pyarrow.compute.utf8_length``), of the text as a string or,
+    with ``raw_text``, as its raw JSON (:func:`jsontext.string_lengths`: raises NotText)."""
     cols = []
     for field in schema:
-        if field.name == "text_chars":
+        if field.name != "text_chars":
+            cols.append(pa.array(list(map(attrgetter(field.name), rows)), field.type))
+        elif raw_text:
+            cols.append(string_lengths(list(map(attrgetter("text"), rows))))
+        else:
             cols.append(pa.array([None if t is None else len(t)
                                   for t in map(attrgetter("text"), rows)], pa.int32()))
-        else:
-            cols.append(pa.array(list(map(attrgetter(field.name), rows)), field.type))
     return pa.table(cols, schema=schema)
 
 
@@ -406,18 +402,21 @@ def _parse_json_block(block: _Block, schema: pa.Schema
     JSON value) the block is decoded a line at a time: blank lines are skipped, and each refused
     line gets a reason in words (:func:`_diagnose`)."""
     decoder = _DECODERS[tuple(schema.names)]
+    fast = _BLOCK_DECODERS.get(tuple(schema.names), decoder)
     rows: list[Any] = []
     try:
         for piece in block.pieces():
-            newlines = _newlines(piece)
-            decoded = decoder.decode_lines(piece)
+            newlines = byte_positions(piece, _NEWLINE)
+            decoded = fast.decode_lines(piece)
             if (len(decoded) != _line_count(piece, newlines)
                     or not _one_object_a_line(piece, newlines)):
                 break
             rows += decoded
         else:
-            return _Parsed(_table_of(rows, schema), np.arange(len(rows)), len(rows)), []
-    except msgspec.DecodeError:  # ValidationError (a value of the wrong type) is one too
+            table = _table_of(rows, schema, raw_text=fast is not decoder)
+            return _Parsed(table, np.arange(len(rows)), len(rows)), []
+    # ValidationError (a value of the wrong type) is a DecodeError too.
+    except (msgspec.DecodeError, NotText):
         pass
     whole = block.whole()
     starts, ends = _line_spans(whole)
