@@ -63,10 +63,13 @@ def string_lengths(raws: Sequence[msgspec.Raw]) -> pa.Array:
     if joined.isascii():
         chars = sizes - 2
     else:
-        offsets = pa.py_buffer(np.concatenate([[0], ends]).astype(np.int32))
-        binary = pa.Array.from_buffers(pa.binary(), n, [None, offsets, pa.py_buffer(joined)])
+        # 64-bit offsets: a block's texts may pass 2 GiB (one line longer than a block is read
+        # whole).
+        offsets = pa.py_buffer(np.concatenate([[0], ends]).astype(np.int64))
+        binary = pa.Array.from_buffers(pa.large_binary(), n,
+                                       [None, offsets, pa.py_buffer(joined)])
         try:
-            text = binary.cast(pa.string())  # checks UTF-8 (overlong forms, surrogates...)
+            text = binary.cast(pa.large_string())  # checks UTF-8 (overlong forms, surrogates)
         except pa.ArrowInvalid:
             raise NotText("bytes that are not UTF-8") from None
         chars = pc.utf8_length(text).to_numpy().astype(np.int64) - 2
