@@ -112,9 +112,10 @@ def _escape_savings(data: np.ndarray, ends: np.ndarray, n: int) -> np.ndarray:
     backslashes). Each saves one character; ``\\uXXXX`` four more; a high surrogate one more
     again (its pair is one code point)."""
     escapes = byte_positions(data, _BACKSLASH)
-    if len(escapes) > 1 and (np.diff(escapes) == 1).any():  # a run: keep its escape starts
+    apart = np.diff(escapes) != 1
+    if not apart.all():  # a run of backslashes: keep its escape starts
         head = np.ones(len(escapes), bool)
-        head[1:] = np.diff(escapes) != 1
+        head[1:] = apart
         escapes = escapes[(escapes - escapes[head][np.cumsum(head) - 1]) % 2 == 0]
     saved = np.ones(len(escapes), np.int64)
     is_u = data[escapes + 1] == _U

@@ -3,13 +3,13 @@
 Reviews are streamed in blocks (~16 MB of JSON lines, or ~1M parquet rows). A JSON block is
 decoded by msgspec in one call into typed records of only the fields ingest reads (the others,
 most of the bytes, are skipped without being built; the text, when only its length is kept, is
-left as raw JSON and measured for the whole block by :mod:`jsontext`). That call skips any whitespace between
-values, newlines included, so its rows are taken as the block's lines only if there are as many
-and every newline sits between a ``}`` and a ``{`` (:func:`_one_object_a_line`): otherwise two
-objects on one line could stand in for a blank line elsewhere. Any other block (a line refused,
-blank, or not exactly one JSON value) is decoded again a line at a time, and a refused line gets
-a reason in words (:func:`_diagnose`). JSON lines, gzipped or not (gzip inflated by ISA-L), and
-parquet give the same :class:`Chunk`.
+left as raw JSON and measured for the whole block by :mod:`jsontext`). That call skips any
+whitespace between values, newlines included, so its rows are taken as the block's lines only
+if there are as many and every newline sits between a ``}`` and a ``{``
+(:func:`_one_object_a_line`): otherwise two objects on one line could stand in for a blank line
+elsewhere. Any other block (a line refused, blank, or not exactly one JSON value) is decoded
+again a line at a time, and a refused line gets a reason in words (:func:`_diagnose`). JSON
+lines, gzipped or not (gzip inflated by ISA-L), and parquet give the same :class:`Chunk`.
 
 Why msgspec and not ``pyarrow.json``: on realistic reviews (~650 bytes a line, 1M of them, one
 thread) decoding and building the columns took 1.55 s against pyarrow's 2.41 s for its parse and
