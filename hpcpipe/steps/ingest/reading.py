@@ -1,15 +1,17 @@
 """Reading the input: reviews in chunks of Arrow rows, and the product metadata.
 
-Reviews are streamed in blocks (~16 MB of JSON lines, or ~1M parquet rows). A JSON block is
-decoded by msgspec in one call into typed records of only the fields ingest reads (the others,
-most of the bytes, are skipped without being built; the text, when only its length is kept, is
-left as raw JSON and measured for the whole block by :mod:`jsontext`). That call skips any
-whitespace between values, newlines included, so its rows are taken as the block's lines only
-if there are as many and every newline sits between a ``}`` and a ``{``
-(:func:`_one_object_a_line`): otherwise two objects on one line could stand in for a blank line
-elsewhere. Any other block (a line refused, blank, or not exactly one JSON value) is decoded
-again a line at a time, and a refused line gets a reason in words (:func:`_diagnose`). JSON
-lines, gzipped or not (gzip inflated by ISA-L), and parquet give the same :class:`Chunk`.
+Reviews are streamed in blocks (~16 MB of JSON lines, or ~1M parquet rows). A JSON block of
+plain review lines is read straight into its columns by :mod:`.fastjson` (compiled with numba;
+it declines any block it cannot read without doubt). Any other JSON block is decoded by msgspec
+in one call into typed records of only the fields ingest reads (the others, most of the bytes,
+are skipped without being built; the text, when only its length is kept, is left as raw JSON and
+measured for the whole block by :mod:`jsontext`). That call skips any whitespace between values,
+newlines included, so its rows are taken as the block's lines only if there are as many and
+every newline sits between a ``}`` and a ``{`` (:func:`_one_object_a_line`): otherwise two
+objects on one line could stand in for a blank line elsewhere. Any other block (a line refused,
+blank, or not exactly one JSON value) is decoded again a line at a time, and a refused line gets
+a reason in words (:func:`_diagnose`). JSON lines, gzipped or not (gzip inflated by ISA-L), and
+parquet give the same :class:`Chunk`.
 
 Why msgspec and not ``pyarrow.json``: on realistic reviews (~650 bytes a line, 1M of them, one
 thread) decoding and building the columns took 1.55 s against pyarrow's 2.41 s for its parse and
@@ -397,10 +399,20 @@ def _table_of(rows: list[Any], schema: pa.Schema, raw_text: bool = False) -> pa.
 def _parse_json_block(block: _Block, schema: pa.Schema
                       ) -> tuple[_Parsed, list[tuple[int, str, str]]]:
     """Parse a block's lines into a table of ``schema`` (READ_SCHEMA, READ_SCHEMA_LENGTHS or
-    META_SCHEMA). Fast path: one msgspec call for each of the block's pieces, a row for every
-    line, and line i is row i (module doc). Otherwise (a line refused, blank, or not exactly one
-    JSON value) the block is decoded a line at a time: blank lines are skipped, and each refused
-    line gets a reason in words (:func:`_diagnose`)."""
+    META_SCHEMA). READ_SCHEMA_LENGTHS is first offered to :mod:`.fastjson`, which reads a block of
+    plain review lines straight into columns (or declines it). Fast path: one msgspec call for
+    each of the block's pieces, a row for every line, and line i is row i (module doc).
+    Otherwise (a line refused, blank, or not exactly one JSON value) the block is decoded a line
+    at a time: blank lines are skipped, and each refused line gets a reason in words
+    (:func:`_diagnose`)."""
+    if schema.names == READ_SCHEMA_LENGTHS.names:
+        # Imported here: only a process that reads reviews loads numba (~0.5 s).
+        from hpcpipe.steps.ingest import fastjson
+
+        tables = [fastjson.read_lines(piece, schema) for piece in block.pieces()]
+        if tables and all(t is not None for t in tables):
+            table = pa.concat_tables(tables).combine_chunks()
+            return _Parsed(table, np.arange(table.num_rows), table.num_rows), []
     decoder = _DECODERS[tuple(schema.names)]
     fast = _BLOCK_DECODERS.get(tuple(schema.names), decoder)
     rows: list[Any] = []
