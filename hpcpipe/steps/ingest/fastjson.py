@@ -229,6 +229,20 @@ def _literal(d: np.ndarray, i: int, n: int) -> tuple[int, int]:
 
 
 @nb.njit(cache=True, nogil=True)
+def _member_key(d: np.ndarray, i: int, n: int) -> int:
+    """Past the key of an object member at ``i`` (a string) and its colon, or -1."""
+    if i >= n or d[i] != 34:
+        return -1
+    i = _string(d, i, n)[0]
+    if i < 0:
+        return -1
+    i = _ws(d, i, n)
+    if i >= n or d[i] != 58:  # :
+        return -1
+    return i + 1
+
+
+@nb.njit(cache=True, nogil=True)
 def _skip(d: np.ndarray, i: int, n: int, stack: np.ndarray) -> int:
     """Past the JSON value at ``i`` (checked, not kept), or -1. ``stack``: room for _MAX_DEPTH
     open containers (1: an object, 2: an array)."""
@@ -251,15 +265,9 @@ def _skip(d: np.ndarray, i: int, n: int, stack: np.ndarray) -> int:
                 i += 1
                 depth -= 1
             elif c == 123:
-                if d[i] != 34:
-                    return -1
-                i = _string(d, i, n)[0]
+                i = _member_key(d, i, n)
                 if i < 0:
                     return -1
-                i = _ws(d, i, n)
-                if i >= n or d[i] != 58:  # :
-                    return -1
-                i += 1
                 continue
             else:
                 continue
@@ -283,15 +291,9 @@ def _skip(d: np.ndarray, i: int, n: int, stack: np.ndarray) -> int:
             if c == 44:  # ,
                 i = _ws(d, i + 1, n)
                 if top == 1:
-                    if i >= n or d[i] != 34:
-                        return -1
-                    i = _string(d, i, n)[0]
+                    i = _member_key(d, i, n)
                     if i < 0:
                         return -1
-                    i = _ws(d, i, n)
-                    if i >= n or d[i] != 58:
-                        return -1
-                    i += 1
                 break
             if (top == 1 and c == 125) or (top == 2 and c == 93):
                 i += 1

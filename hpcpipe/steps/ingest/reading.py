@@ -409,10 +409,16 @@ def _parse_json_block(block: _Block, schema: pa.Schema
         # Imported here: only a process that reads reviews loads numba (~0.5 s).
         from hpcpipe.steps.ingest import fastjson
 
-        tables = [fastjson.read_lines(piece, schema) for piece in block.pieces()]
-        if tables and all(t is not None for t in tables):
-            table = pa.concat_tables(tables).combine_chunks()
-            return _Parsed(table, np.arange(table.num_rows), table.num_rows), []
+        tables = []
+        for piece in block.pieces():
+            table = fastjson.read_lines(piece, schema)
+            if table is None:  # declined: the rest of the block is not read twice
+                break
+            tables.append(table)
+        else:
+            if tables:
+                table = pa.concat_tables(tables).combine_chunks()
+                return _Parsed(table, np.arange(table.num_rows), table.num_rows), []
     decoder = _DECODERS[tuple(schema.names)]
     fast = _BLOCK_DECODERS.get(tuple(schema.names), decoder)
     rows: list[Any] = []
